@@ -1,0 +1,22 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Two cores on the reference machine; keep each test process from oversubscribing.
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+ICDAR_ENV = "DBNETPP_ICDAR2015_ROOT"
+
+
+@pytest.fixture(scope="session")
+def icdar_root() -> Path:
+    """The real ICDAR 2015 sample, or a skip when DBNETPP_ICDAR2015_ROOT is unset."""
+    root = os.environ.get(ICDAR_ENV)
+    if not root:
+        pytest.skip(f"{ICDAR_ENV} is not set: no ICDAR 2015 data to test on")
+    path = Path(root)
+    if not path.is_dir():
+        pytest.skip(f"{ICDAR_ENV}={root} is not a directory")
+    return path
