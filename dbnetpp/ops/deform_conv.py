@@ -19,10 +19,11 @@ def modulated_deform_conv2d(
     stride: Tuple[int, int] = (1, 1),
     padding: Tuple[int, int] = (1, 1),
     dilation: Tuple[int, int] = (1, 1),
-    impl: str = "torchvision",
+    impl: str = "auto",
 ) -> torch.Tensor:
     """x (N, C, H, W), offset (N, 2*kh*kw, Ho, Wo), mask (N, kh*kw, Ho, Wo) or None,
     weight (O, C, kh, kw) -> (N, O, Ho, Wo)."""
-    if impl != "torchvision":
+    # "auto" picks the fastest correct implementation; for now only torchvision exists.
+    if impl not in ("auto", "torchvision"):
         raise ValueError(f"unknown deformable-conv implementation {impl!r}")
     return tv_deform_conv2d(x, offset, weight, bias, stride=stride, padding=padding, dilation=dilation, mask=mask)
