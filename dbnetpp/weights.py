@@ -1,0 +1,123 @@
+"""Strict loading of MMOCR checkpoints and torchvision ResNet weights.
+
+Our module names are MMOCR's (``backbone.``, ``neck.``, ``det_head.``; torchvision names inside
+the backbone; a DCN's ``conv2.weight`` / ``conv2.conv_offset.*`` as in mmcv), so neither format
+needs key renaming: loading checks that every key is used, none is missing and every shape
+matches, and raises a ValueError listing the offending keys otherwise. Files are read with
+``torch.load(weights_only=True, map_location="cpu")``; nothing is downloaded.
+"""
+
+import os
+import pickle
+from typing import Any, Dict, List, Mapping, Union
+
+import torch
+from torch import nn
+
+__all__ = ["load_state_dict_file", "load_mmocr_checkpoint", "load_torchvision_backbone"]
+
+PathOrStateDict = Union[str, "os.PathLike[str]", Mapping[str, Any]]
+
+_MAX_LISTED = 20
+
+
+def load_state_dict_file(path: Union[str, "os.PathLike[str]"]) -> Dict[str, Any]:
+    """Read a checkpoint file on the CPU with ``weights_only=True`` (no arbitrary code execution)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path}: cannot be read with torch.load(weights_only=True) ({err}). If you trust the file, "
+            "load it yourself with torch.load(path, weights_only=False) and pass the state dict instead."
+        ) from err
+    except RuntimeError as err:  # not a torch file, truncated zip, ...
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+    return dict(obj)
+
+
+def _as_state_dict(path_or_state_dict: PathOrStateDict) -> Dict[str, Any]:
+    if isinstance(path_or_state_dict, Mapping):
+        sd = dict(path_or_state_dict)
+        where = "state dict"
+    else:
+        sd = load_state_dict_file(path_or_state_dict)
+        where = os.fspath(path_or_state_dict)
+    # MMOCR/mmengine checkpoints: {"meta": ..., "state_dict": {...}, "optimizer": ..., ...}
+    if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+        sd = dict(sd["state_dict"])
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{where}: entries that are not tensors: {_listing(bad)}")
+    return sd
+
+
+def _listing(keys: List[str]) -> str:
+    shown = ", ".join(keys[:_MAX_LISTED])
+    more = len(keys) - _MAX_LISTED
+    return shown + (f", ... ({more} more)" if more > 0 else "")
+
+
+def _check_keys(
+    expected: Mapping[str, torch.Tensor],
+    given: Mapping[str, torch.Tensor],
+    what: str,
+    optional: Any = (),
+) -> None:
+    """Raise ValueError naming missing, unexpected and mis-shaped keys (``optional`` may be missing)."""
+    missing = [k for k in expected if k not in given and k not in optional]
+    unexpected = [k for k in given if k not in expected]
+    misshaped = [
+        f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in given and given[k].shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped keys ({len(misshaped)}): {_listing(misshaped)}")
+    if problems:
+        raise ValueError(f"cannot load {what}:\n  " + "\n  ".join(problems))
+
+
+def load_mmocr_checkpoint(model: nn.Module, path_or_state_dict: PathOrStateDict) -> Dict[str, List[str]]:
+    """Load an MMOCR DBNet/DBNet++ checkpoint (file path or dict, optionally wrapped in
+    ``{"state_dict": ...}``) into ``model`` strictly.
+
+    Returns ``{"loaded": keys}``. Raises ValueError listing missing / unexpected / mis-shaped keys
+    (with both shapes); the model is left untouched in that case.
+    """
+    sd = _as_state_dict(path_or_state_dict)
+    expected = model.state_dict()
+    _check_keys(expected, sd, f"MMOCR checkpoint into {type(model).__name__} {getattr(model, 'name', '')}".rstrip())
+    model.load_state_dict(sd, strict=True)
+    return {"loaded": list(sd)}
+
+
+def load_torchvision_backbone(model: nn.Module, path_or_state_dict: PathOrStateDict) -> Dict[str, List[str]]:
+    """Load torchvision ResNet ImageNet weights (e.g. ``resnet50-0676ba61.pth``) into the backbone.
+
+    ``model`` is a DBNet (its ``.backbone`` is used) or a ResNet. ``fc.*`` is ignored; a DCN's
+    ``conv2.weight`` takes torchvision's ``conv2.weight`` and its ``conv_offset`` is left as it is
+    (zero after init), as MMOCR does. BN ``num_batches_tracked`` may be absent (old files).
+    Everything else is strict. Returns ``{"loaded", "ignored", "kept"}`` key lists (backbone names).
+    """
+    backbone = getattr(model, "backbone", model)
+    sd = _as_state_dict(path_or_state_dict)
+    ignored = [k for k in sd if k.startswith("fc.")]
+    sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+    own = backbone.state_dict()
+    expected = {k: v for k, v in own.items() if ".conv_offset." not in k}
+    optional = {k for k in expected if k.endswith("num_batches_tracked")}
+    _check_keys(expected, sd, f"torchvision ResNet weights into {type(backbone).__name__}", optional)
+    result = backbone.load_state_dict(sd, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    kept = [k for k in own if k not in sd]
+    return {"loaded": list(sd), "ignored": ignored, "kept": kept}

@@ -1,0 +1,242 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from dbnetpp.models import FPNC, MODEL_NAMES, DBHead, DBNet, ModulatedDeformConv2d, ResNet, build_model
+
+
+def randomize_bn_stats(model: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+
+
+def torchvision_stages(tv: torchvision.models.ResNet, x: torch.Tensor):
+    x = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
+    outs = []
+    for layer in (tv.layer1, tv.layer2, tv.layer3, tv.layer4):
+        x = layer(x)
+        outs.append(x)
+    return outs
+
+
+@pytest.mark.parametrize("depth,factory", [(50, torchvision.models.resnet50), (18, torchvision.models.resnet18)])
+def test_resnet_matches_torchvision(depth, factory):
+    torch.manual_seed(0)
+    tv = factory()  # random init, no download
+    randomize_bn_stats(tv)
+    ours = ResNet(depth)
+    sd = {k: v for k, v in tv.state_dict().items() if not k.startswith("fc.")}
+    ours.load_state_dict(sd, strict=True)
+    tv.eval()
+    ours.eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        expected = torchvision_stages(tv, x)
+        got = ours(x)
+    assert len(got) == 4
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert g.shape == e.shape == (2, ours.out_channels[i], 64 // 2 ** (i + 2), 96 // 2 ** (i + 2))
+        assert (g - e).abs().max() <= 1e-5, f"stage {i}"
+
+
+def test_resnet_options_and_errors():
+    with pytest.raises(NotImplementedError):
+        ResNet(18, dcn_stages=(False, True, False, False))
+    with pytest.raises(ValueError, match="depth"):
+        ResNet(42)
+    with pytest.raises(ValueError, match="dcn_stages"):
+        ResNet(50, dcn_stages=(True, True))
+    r = ResNet(50, dcn_stages=(False, True, True, True))
+    dcn = [name for name, m in r.named_modules() if isinstance(m, ModulatedDeformConv2d)]
+    assert len(dcn) == 4 + 6 + 3
+    assert all(name.endswith(".conv2") and not name.startswith("layer1") for name in dcn)
+    # style "pytorch": the stride sits on conv2 (3x3), conv1 (1x1) keeps stride 1
+    assert r.layer2[0].conv2.stride == (2, 2) and r.layer2[0].conv1.stride == (1, 1)
+    assert r.layer2[0].downsample[0].stride == (2, 2)
+    narrow = ResNet(18, base_channels=32)
+    assert narrow.out_channels == (32, 64, 128, 256)
+    assert narrow.conv1.out_channels == 32
+
+
+def test_resnet_init():
+    torch.manual_seed(0)
+    r = ResNet(50, dcn_stages=(False, True, True, True))
+    for m in r.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
+        if isinstance(m, ModulatedDeformConv2d):
+            assert torch.count_nonzero(m.conv_offset.weight) == 0
+            assert torch.count_nonzero(m.conv_offset.bias) == 0
+    # Kaiming normal, fan_out, relu: std = sqrt(2 / (out * k * k))
+    w = r.layer3[0].conv1.weight  # (256, 512, 1, 1)
+    assert w.std().item() == pytest.approx(math.sqrt(2 / 256), rel=0.05)
+
+
+def test_frozen_stages_and_norm_eval():
+    r = ResNet(18, frozen_stages=1, norm_eval=False).train()
+    assert not r.conv1.weight.requires_grad and not r.bn1.weight.requires_grad
+    assert all(not p.requires_grad for p in r.layer1.parameters())
+    assert all(p.requires_grad for p in r.layer2.parameters())
+    assert not r.bn1.training and not r.layer1[0].bn1.training and r.layer2[0].bn1.training
+
+    r = ResNet(18, norm_eval=True)
+    r.train()
+    assert r.training and r.layer1[0].conv1.training
+    bns = [m for m in r.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(not m.training for m in bns)
+    before = r.layer2[0].bn1.running_mean.clone()
+    r(torch.randn(2, 3, 64, 64))
+    assert torch.equal(before, r.layer2[0].bn1.running_mean)
+    assert all(p.requires_grad for p in r.parameters())
+
+
+def reference_fpnc(neck: FPNC, feats):
+    """FPNC + ASF written out functionally from MMOCR's description, using the neck's weights."""
+    lats = [F.conv2d(f, m.conv.weight) for f, m in zip(feats, neck.lateral_convs)]
+    for i in (3, 2, 1):
+        lats[i - 1] = lats[i - 1] + F.interpolate(lats[i], size=lats[i - 1].shape[2:], mode="nearest")
+    smooth = [F.conv2d(lat, m.conv.weight, padding=1) for lat, m in zip(lats, neck.smooth_convs)]
+    ups = [F.interpolate(s, size=smooth[0].shape[2:], mode="nearest") for s in smooth]
+    cat = torch.cat(ups, 1)
+    if not neck.asf:
+        return cat
+    fused = F.conv2d(cat, neck.asf_conv.conv.weight, neck.asf_conv.conv.bias, padding=1)
+    a = neck.asf_attn
+    z = torch.sigmoid(
+        F.conv2d(F.relu(F.conv2d(fused.mean((2, 3), keepdim=True), a.channel_wise[0].conv.weight)),
+                 a.channel_wise[1].conv.weight)
+    )
+    xx = z + fused
+    s = torch.sigmoid(
+        F.conv2d(F.relu(F.conv2d(xx.mean(1, keepdim=True), a.spatial_wise[0].conv.weight, padding=1)),
+                 a.spatial_wise[1].conv.weight)
+    )
+    xx = s + xx
+    att = torch.sigmoid(F.conv2d(xx, a.attention_wise.conv.weight))
+    return torch.cat([att[:, i : i + 1] * ups[i] for i in range(4)], 1)
+
+
+@pytest.mark.parametrize("asf", [True, False])
+def test_fpnc_matches_functional_reference(asf):
+    torch.manual_seed(0)
+    neck = FPNC((8, 16, 32, 64), lateral_channels=16, out_channels=8, asf=asf)
+    with torch.no_grad():
+        if asf:
+            neck.asf_conv.conv.bias.normal_()
+    feats = [torch.randn(2, c, 24 // s, 40 // s) for c, s in zip((8, 16, 32, 64), (1, 2, 4, 8))]
+    with torch.no_grad():
+        out = neck(feats)
+        expected = reference_fpnc(neck, feats)
+    assert out.shape == (2, 32, 24, 40)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fpnc_keys_and_init():
+    torch.manual_seed(0)
+    neck = FPNC()
+    shapes = {k: tuple(v.shape) for k, v in neck.state_dict().items()}
+    assert shapes["asf_conv.conv.bias"] == (256,)
+    assert shapes["asf_attn.channel_wise.0.conv.weight"] == (64, 256, 1, 1)
+    assert shapes["asf_attn.attention_wise.conv.weight"] == (4, 256, 1, 1)
+    assert "lateral_convs.0.conv.bias" not in shapes and "smooth_convs.0.conv.bias" not in shapes
+    assert torch.count_nonzero(neck.asf_conv.conv.bias) == 0
+    w = neck.lateral_convs[3].conv.weight  # fan_out = 256
+    assert w.std().item() == pytest.approx(math.sqrt(2 / 256), rel=0.05)
+    w = neck.smooth_convs[0].conv.weight  # fan_out = 64 * 9
+    assert w.std().item() == pytest.approx(math.sqrt(2 / (64 * 9)), rel=0.05)
+    plain = FPNC(asf=False)
+    assert not any(k.startswith("asf") for k in plain.state_dict())
+
+
+def test_head_branches():
+    torch.manual_seed(0)
+    head = DBHead(32, k=50)
+    keys = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    assert keys["binarize.0.weight"] == (8, 32, 3, 3) and "binarize.0.bias" not in keys
+    assert keys["threshold.6.weight"] == (8, 1, 2, 2) and keys["binarize.6.bias"] == (1,)
+    assert isinstance(head.threshold[7], nn.Sigmoid) and len(head.binarize) == 7
+    assert "binarize.0.bias" in DBHead(32, with_bias=True).state_dict()
+    assert "threshold.0.bias" not in DBHead(32, with_bias=True).state_dict()
+
+    x = torch.randn(2, 32, 5, 7)
+    head.train()
+    out = head(x)
+    assert set(out) == {"prob_logits", "thr_map", "binary_map"}
+    for v in out.values():
+        assert v.shape == (2, 20, 28)
+    expected = 1.0 / (1.0 + torch.exp(-50 * (torch.sigmoid(out["prob_logits"]) - out["thr_map"])))
+    torch.testing.assert_close(out["binary_map"], expected)
+    assert out["thr_map"].min() > 0 and out["thr_map"].max() < 1
+
+    calls = []
+    head.threshold.register_forward_hook(lambda *a: calls.append(1))
+    head.eval()
+    prob = head(x)
+    assert not calls, "threshold branch must not run in eval mode"
+    torch.testing.assert_close(prob, torch.sigmoid(head.binarize(x).squeeze(1)))
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_builders_output_shapes(name):
+    torch.manual_seed(0)
+    model = build_model(name)
+    assert isinstance(model, DBNet) and model.name == name
+    model.train()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 96))
+    assert set(out) == {"prob_logits", "thr_map", "binary_map"}
+    for v in out.values():
+        assert v.shape == (1, 64, 96)
+    model.eval()
+    with torch.no_grad():
+        for h, w in [(64, 64), (96, 160), (128, 96)]:
+            x = torch.randn(1, 3, h, w)
+            prob = model(x)
+            assert prob.shape == (1, h, w)
+            # random weights give large logits, so float32 sigmoid may round to exactly 0 or 1
+            assert torch.isfinite(prob).all() and prob.min() >= 0 and prob.max() <= 1
+            if h == w:
+                logits = model.det_head.prob_logits(model.features(x))
+                torch.testing.assert_close(prob, torch.sigmoid(logits))
+                assert ((prob > 0) & (prob < 1)).float().mean() > 0.5
+
+
+@pytest.mark.parametrize(
+    "x,match",
+    [
+        (torch.zeros(3, 64, 64), r"\(3, 64, 64\)"),
+        (torch.zeros(1, 1, 64, 64), r"\(1, 1, 64, 64\)"),
+        (torch.zeros(1, 3, 64, 70), r"\(1, 3, 64, 70\)"),
+        (torch.zeros(1, 3, 48, 64), r"\(1, 3, 48, 64\)"),
+        (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), r"uint8"),
+    ],
+)
+def test_input_validation(x, match):
+    model = build_model("dbnet_resnet18_tiny").eval()
+    with pytest.raises(ValueError, match=match):
+        model(x)
+
+
+def test_backward_reaches_every_parameter():
+    torch.manual_seed(0)
+    model = build_model("dbnetpp_resnet50_dcnv2").train()
+    out = model(torch.randn(1, 3, 64, 64))
+    g = torch.Generator().manual_seed(1)
+    loss = sum((torch.rand(v.shape, generator=g) * v).sum() for v in out.values())
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+    offset_grads = [m.conv_offset.weight.grad for m in model.modules() if isinstance(m, ModulatedDeformConv2d)]
+    assert len(offset_grads) == 13
+    assert all(gr.abs().sum() > 0 for gr in offset_grads)
