@@ -12,6 +12,8 @@ import torch
 MEAN_RGB = (123.675, 116.28, 103.53)
 STD_RGB = (58.395, 57.12, 57.375)
 SIZE_DIVISOR = 32
+_MEAN = torch.tensor(MEAN_RGB).view(3, 1, 1)
+_STD = torch.tensor(STD_RGB).view(3, 1, 1)
 
 
 def normalize_image(image: np.ndarray) -> torch.Tensor:
@@ -19,10 +21,11 @@ def normalize_image(image: np.ndarray) -> torch.Tensor:
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
         shape = getattr(image, "shape", None)
         raise ValueError(f"expected a BGR image of shape (H, W, 3), got {type(image).__name__} with shape {shape}")
-    rgb = torch.from_numpy(np.ascontiguousarray(image[:, :, ::-1])).permute(2, 0, 1).float()
-    mean = torch.tensor(MEAN_RGB).view(3, 1, 1)
-    std = torch.tensor(STD_RGB).view(3, 1, 1)
-    return (rgb - mean) / std
+    height, width = image.shape[:2]
+    out = torch.empty((3, height, width), dtype=torch.float32)
+    for c in range(3):  # BGR -> RGB, one strided copy per channel
+        out[c].copy_(torch.from_numpy(image[:, :, 2 - c]))
+    return out.sub_(_MEAN).div_(_STD)
 
 
 def pad_to_divisor(height: int, width: int, divisor: int = SIZE_DIVISOR) -> Tuple[int, int]:

@@ -1,0 +1,62 @@
+"""Data: ICDAR 2015, synthetic scene text, the MMOCR train/test pipelines and DB targets."""
+
+from .dataset import TestDataset, TrainDataset, collate_test, collate_train
+from .icdar2015 import ICDAR2015
+from .synthetic import SyntheticText
+from .targets import db_targets
+from .transforms import (
+    TrainParams,
+    TrainSample,
+    adjust_brightness,
+    adjust_saturation,
+    clip_polygons,
+    color_jitter,
+    crop,
+    crop_polygons,
+    fix_invalid_polygons,
+    hflip,
+    keep_ratio_size,
+    pad_to_square,
+    rescale,
+    rescaled_size,
+    resize_for_test,
+    resize_keep_ratio,
+    resize_polygons,
+    rotate,
+    rotation_matrix,
+    sample_crop_box,
+    sample_train_params,
+    train_transform,
+)
+
+__all__ = [
+    "ICDAR2015",
+    "SyntheticText",
+    "TrainDataset",
+    "TestDataset",
+    "collate_train",
+    "collate_test",
+    "db_targets",
+    "TrainParams",
+    "TrainSample",
+    "adjust_brightness",
+    "adjust_saturation",
+    "clip_polygons",
+    "color_jitter",
+    "crop",
+    "crop_polygons",
+    "fix_invalid_polygons",
+    "hflip",
+    "keep_ratio_size",
+    "pad_to_square",
+    "rescale",
+    "rescaled_size",
+    "resize_for_test",
+    "resize_keep_ratio",
+    "resize_polygons",
+    "rotate",
+    "rotation_matrix",
+    "sample_crop_box",
+    "sample_train_params",
+    "train_transform",
+]
