@@ -1,0 +1,390 @@
+"""``dbnetpp`` command line: detect text, evaluate on ICDAR 2015, export to ONNX.
+
+    dbnetpp detect photos/ img.jpg --weights dbnetpp.pth --out results/
+    dbnetpp eval --data data/icdar2015 --weights dbnetpp.pth
+    dbnetpp eval --data data/icdar2015 --predictions results/
+    dbnetpp export-onnx --weights dbnetpp.pth --out dbnetpp.onnx --check
+
+``detect`` writes, per image, ``vis_<stem>.jpg`` (polygons and scores drawn) and
+``res_<stem>.txt`` (Robust Reading: one ``x1,y1,...,xK,yK`` line per text, integer pixels,
+clockwise) or ``res_<stem>.json`` (float points and scores). ``eval --predictions`` scores
+such files against the ground truth. Bad input (missing or unreadable files, weights of
+another model, an empty folder) ends with one ``error: ...`` line on stderr and exit status 1;
+set ``DBNETPP_DEBUG=1`` to get the traceback instead.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "collect_images",
+    "format_polygon",
+    "get_args_parser",
+    "main",
+    "parse_result_file",
+    "write_result_file",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+EXIT_ERROR = 1
+
+
+def collect_images(inputs: Sequence[str]) -> List[Path]:
+    """Image files named directly or found (not recursively) in folders, folders in natural order.
+
+    Raises FileNotFoundError for a path that does not exist, ValueError for a folder without
+    images (extensions ``IMAGE_EXTENSIONS``).
+    """
+    from dbnetpp.data.icdar2015 import natural_key
+
+    images: List[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+            found.sort(key=lambda p: natural_key(p.name))
+            if not found:
+                raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}")
+            images.extend(found)
+        elif path.is_file():
+            images.append(path)
+        else:
+            raise FileNotFoundError(f"no such image file or folder: {path}")
+    return images
+
+
+def _clockwise(points: np.ndarray) -> np.ndarray:
+    """Points ordered clockwise on screen (y down), as the Robust Reading checker wants."""
+    x, y = points[:, 0], points[:, 1]
+    signed_area = 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+    return points if signed_area >= 0 else points[::-1]
+
+
+def format_polygon(polygon: np.ndarray) -> str:
+    """One result line ``x1,y1,...,xK,yK``: integer pixels, clockwise on screen. Quadrilaterals
+    start at the corner nearest the top-left (``dbnetpp.submission.to_clockwise_quad``)."""
+    from dbnetpp.submission import to_clockwise_quad
+
+    points = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
+    points = to_clockwise_quad(points) if len(points) == 4 else np.round(_clockwise(points)).astype(np.int64)
+    return ",".join(str(int(v)) for v in points.reshape(-1))
+
+
+def write_result_file(
+    path: Path, detections: Sequence[Tuple[np.ndarray, float]], fmt: str = "txt", image: Optional[str] = None
+) -> None:
+    """Write one image's detections as ``res_<stem>.txt`` (Robust Reading) or ``.json``."""
+    if fmt == "txt":
+        text = "".join(format_polygon(poly) + "\n" for poly, _ in detections)
+    else:
+        record = {
+            "image": image,
+            "detections": [
+                {"polygon": np.asarray(poly, dtype=np.float64).round(2).tolist(), "score": round(float(score), 6)}
+                for poly, score in detections
+            ],
+        }
+        text = json.dumps(record) + "\n"
+    path.write_text(text, encoding="utf-8")
+
+
+def parse_result_file(path: Path) -> Tuple[List[np.ndarray], List[float]]:
+    """Polygons (K, 2) and scores from a ``res_*.txt`` or ``res_*.json`` file.
+
+    txt: one polygon per line, comma-separated numbers; an odd count means the last number is
+    the score (Robust Reading with confidences), otherwise the score is 1. Raises ValueError
+    naming the file and line for anything else.
+    """
+    polygons: List[np.ndarray] = []
+    scores: List[float] = []
+    if path.suffix == ".json":
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            for det in record["detections"]:
+                polygons.append(np.asarray(det["polygon"], dtype=np.float32).reshape(-1, 2))
+                scores.append(float(det.get("score", 1.0)))
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: not a dbnetpp result file ({type(err).__name__}: {err})") from err
+        return polygons, scores
+    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            values = [float(v) for v in line.split(",")]
+        except ValueError:
+            raise ValueError(f"{path}:{lineno}: expected comma-separated numbers, got {line[:80]!r}") from None
+        score = values.pop() if len(values) % 2 else 1.0
+        if len(values) < 6:
+            raise ValueError(f"{path}:{lineno}: a polygon needs at least 3 (x, y) points, got {line[:80]!r}")
+        polygons.append(np.asarray(values, dtype=np.float32).reshape(-1, 2))
+        scores.append(score)
+    return polygons, scores
+
+
+def _detector_from_args(args: argparse.Namespace) -> Any:
+    from dbnetpp.detector import Detector
+
+    return Detector(
+        args.weights,
+        model=args.model,
+        device=args.device,
+        test_scale=args.test_scale,
+        text_repr_type=getattr(args, "text_repr", "quad"),
+    )
+
+
+def _progress(iterable: Any, total: int, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="img", file=sys.stderr, disable=total < 2, dynamic_ncols=True)
+
+
+def _write_image(path: Path, image: np.ndarray) -> None:
+    import cv2
+
+    ok, data = cv2.imencode(path.suffix, image)
+    if not ok:
+        raise OSError(f"cannot encode image {path}")
+    data.tofile(str(path))
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from dbnetpp.data.icdar2015 import read_image
+    from dbnetpp.visualize import draw_detections
+
+    images = collect_images(args.inputs)
+    detector = _detector_from_args(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    num_texts = 0
+    for path in _progress(images, len(images), "detect"):
+        try:
+            image = read_image(path)
+        except (OSError, ValueError) as err:
+            tqdm.write(f"error: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        detections = detector.detect(image)
+        num_texts += len(detections)
+        write_result_file(out / f"res_{path.stem}.{args.format}", detections, args.format, image=str(path))
+        if not args.no_vis:
+            vis = draw_detections(image, [p for p, _ in detections], [s for _, s in detections])
+            ext = ".png" if path.suffix.lower() == ".png" else ".jpg"
+            _write_image(out / f"vis_{path.stem}{ext}", vis)
+    done = len(images) - failed
+    print(f"{num_texts} text regions in {done} image(s); results in {out}")
+    if failed:
+        print(f"error: {failed} of {len(images)} image(s) could not be read", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
+def _eval_dataset(root: str, split: str, require_images: bool = True) -> Any:
+    from dbnetpp.data.icdar2015 import ICDAR2015
+
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"data folder not found: {root}")
+    dataset = ICDAR2015(root, split, require_images=require_images)
+    if len(dataset) == 0:
+        raise ValueError(f"no {split} images in {root}")
+    return dataset
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dbnetpp.metric import HmeanIoU
+
+    if (args.weights is None) == (args.predictions is None):
+        raise ValueError("give either --weights (run a model) or --predictions (score res_*.txt files)")
+    dataset = _eval_dataset(args.data, args.split, require_images=args.predictions is None)
+    metric = HmeanIoU()
+    record: Dict[str, Any] = {"data": str(args.data), "split": args.split}
+    if args.predictions is not None:
+        pred_dir = Path(args.predictions)
+        if not pred_dir.is_dir():
+            raise FileNotFoundError(f"predictions folder not found: {pred_dir}")
+        missing = 0
+        for i in _progress(range(len(dataset)), len(dataset), f"eval {args.split}"):
+            sample = dataset.load_annotations(i)  # no image decoding
+            stem = Path(sample["path"]).stem
+            candidates = [pred_dir / f"res_{stem}.txt", pred_dir / f"res_{stem}.json"]
+            found = next((p for p in candidates if p.is_file()), None)
+            if found is None:  # as the Robust Reading site: a missing file is an image without detections
+                missing += 1
+                polygons, scores = [], []
+            else:
+                polygons, scores = parse_result_file(found)
+            metric.update(polygons, scores, sample["polygons"], sample["ignore"])
+        if missing == len(dataset):
+            raise FileNotFoundError(f"no res_<image>.txt / .json files for the {args.split} images in {pred_dir}")
+        if missing:
+            print(
+                f"warning: {missing} image(s) without a result file in {pred_dir} (counted as no detections)",
+                file=sys.stderr,
+            )
+        record["predictions"] = str(pred_dir)
+    else:
+        detector = _detector_from_args(args)
+        save_dir = Path(args.save_predictions) if args.save_predictions else None
+        if save_dir is not None:
+            save_dir.mkdir(parents=True, exist_ok=True)
+        batch: List[Dict[str, Any]] = []
+
+        def flush() -> None:
+            results = detector.detect_batch([s["image"] for s in batch])
+            for sample, detections in zip(batch, results):
+                polygons, scores = [p for p, _ in detections], [s for _, s in detections]
+                metric.update(polygons, scores, sample["polygons"], sample["ignore"])
+                if save_dir is not None:
+                    write_result_file(save_dir / f"res_{Path(sample['path']).stem}.txt", detections)
+            batch.clear()
+
+        for i in _progress(range(len(dataset)), len(dataset), f"eval {args.split}"):
+            batch.append(dataset[i])
+            if len(batch) == args.batch_size:
+                flush()
+        if batch:
+            flush()
+        record.update(weights=str(args.weights), model=detector.model_name, test_scale=list(detector.test_scale))
+    result = metric.compute()
+    record.update(
+        precision=result["precision"],
+        recall=result["recall"],
+        hmean=result["hmean"],
+        score_thr=round(float(result["score_thr"]), 6),
+        num_images=int(metric.num_images),
+    )
+    print(
+        f"{args.split}: precision {result['precision']:.4f}  recall {result['recall']:.4f}  "
+        f"hmean {result['hmean']:.4f}  (score threshold {record['score_thr']:.1f}, {metric.num_images} images)"
+    )
+    print(json.dumps(record))
+    return 0
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    import torch
+
+    from dbnetpp.detector import load_model
+    from dbnetpp.export import check_onnx, count_ops, export_onnx
+
+    model = load_model(args.weights, args.model)
+    path = export_onnx(model, args.out, args.height, args.width, opset=args.opset, dynamic=not args.static)
+    ops = count_ops(path)
+    size_mb = os.path.getsize(path) / 2**20
+    shape = "(1, 3, {}, {})".format(args.height, args.width) if args.static else "(N, 3, 32*h, 32*w)"
+    print(
+        f"wrote {path} ({size_mb:.1f} MiB, opset {args.opset}, input images {shape}, "
+        f"{sum(ops.values())} nodes, {ops.get('DeformConv', 0)} DeformConv)"
+    )
+    if args.check:
+        images = torch.randn(1, 3, args.height, args.width, generator=torch.Generator().manual_seed(0))
+        diff = check_onnx(path, model, images)
+        print(f"onnxruntime check on (1, 3, {args.height}, {args.width}): max |onnx - torch| = {diff:.3g}")
+    return 0
+
+
+def _test_scale(text: str) -> Tuple[int, int]:
+    parts = text.replace("x", ",").split(",")
+    try:
+        long_side, short_side = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LONG,SHORT (e.g. 4068,1024), got {text!r}") from None
+    if min(long_side, short_side) <= 0:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return long_side, short_side
+
+
+def _add_model_args(parser: argparse.ArgumentParser, weights_required: bool = True) -> None:
+    parser.add_argument(
+        "--weights", required=weights_required, help="checkpoint: dbnetpp (from training) or MMOCR .pth"
+    )
+    parser.add_argument(
+        "--model", default=None, help="model name (default: the checkpoint's own, else dbnetpp_resnet50_dcnv2)"
+    )
+
+
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument(
+        "--test-scale",
+        type=_test_scale,
+        default=None,
+        metavar="LONG,SHORT",
+        help="keep-ratio test resize limits (default: the checkpoint's, else 4068,1024)",
+    )
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dbnetpp", description="DBNet++ scene-text detection: detect, evaluate, export.", add_help=add_help
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("detect", help="detect text in images; write drawings and res_<image>.txt files")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--format", choices=("txt", "json"), default="txt", help="result file format (default txt)")
+    p.add_argument("--text-repr", choices=("quad", "poly"), default="quad", help="rotated boxes or polygons")
+    p.add_argument("--no-vis", action="store_true", help="do not write the vis_<image> drawings")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser("eval", help="precision / recall / H-mean on an ICDAR 2015 split")
+    p.add_argument("--data", required=True, help="ICDAR 2015 root folder")
+    p.add_argument("--split", default="test", help="split to score (default test)")
+    _add_model_args(p, weights_required=False)
+    p.add_argument("--predictions", default=None, help="score existing res_<image>.txt/.json files in this folder")
+    p.add_argument("--save-predictions", default=None, metavar="DIR", help="also write res_<image>.txt files here")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export-onnx", help="export the network (images -> probability map) to ONNX")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, help="ONNX file to write")
+    p.add_argument("--height", type=int, default=640, help="example input height, multiple of 32 (default 640)")
+    p.add_argument("--width", type=int, default=640, help="example input width, multiple of 32 (default 640)")
+    p.add_argument("--opset", type=int, default=19, help="ONNX opset, >= 19 for DCN models (default 19)")
+    p.add_argument("--static", action="store_true", help="fixed (1, 3, height, width) input instead of dynamic N/H/W")
+    p.add_argument("--check", action="store_true", help="run the file in onnxruntime and compare with PyTorch")
+    p.set_defaults(func=cmd_export_onnx)
+    return parser
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``dbnetpp`` console script; returns the exit status."""
+    args = get_args_parser().parse_args(argv)
+    if getattr(args, "batch_size", 1) < 1:
+        print(f"error: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as err:
+        if os.environ.get("DBNETPP_DEBUG"):
+            raise
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Text detection with a trained model: image in, polygons in original-image pixels out.
+
+``Detector`` runs MMOCR's test recipe for DBNet/DBNet++:
+
+1. keep-ratio resize with ``dbnetpp.data.transforms.resize_for_test`` (scale (4068, 1024) by
+   default: the short side goes to 1024 unless the long side would pass 4068);
+2. normalise and zero-pad bottom/right to multiples of 32 (``dbnetpp.preprocess.batch_images``);
+3. network -> probability map at the padded input resolution;
+4. ``dbnetpp.postprocess.DBPostProcessor`` on the padded map, then every x is divided by the
+   resize factor sx and every y by sy, which puts the polygons back in original-image pixels.
+
+Example::
+
+    from dbnetpp import Detector
+    detector = Detector("dbnetpp_icdar2015.pth")            # dbnetpp or MMOCR checkpoint
+    for polygon, score in detector.detect("img_1.jpg"):     # polygon: float32 (4, 2) of (x, y)
+        print(score, polygon.round(1).tolist())
+"""
+
+import copy
+import os
+from collections.abc import Mapping
+from typing import List, Optional, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from dbnetpp.data.icdar2015 import read_image
+from dbnetpp.preprocess import batch_images, pad_to_divisor
+
+__all__ = ["DEFAULT_MODEL", "DEFAULT_TEST_SCALE", "Detection", "Detector", "ImageInput", "load_model", "read_image"]
+
+DEFAULT_MODEL = "dbnetpp_resnet50_dcnv2"
+DEFAULT_TEST_SCALE = (4068, 1024)  # (long, short) side limits of MMOCR's test resize, pixels
+
+# (polygon float32 (K, 2) of (x, y) in original-image pixels, score in [0, 1])
+Detection = Tuple[np.ndarray, float]
+ImageInput = Union[str, "os.PathLike[str]", np.ndarray]
+PathLike = Union[str, "os.PathLike[str]"]
+
+_MAX_DETAIL = 400
+
+
+def _as_bgr(image: ImageInput) -> np.ndarray:
+    """Path or array -> BGR uint8 (H, W, 3). Grayscale (H, W) and BGRA (H, W, 4) are converted."""
+    if not isinstance(image, np.ndarray):
+        return read_image(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 BGR image, got dtype {image.dtype} with shape {image.shape}")
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if image.ndim == 3 and image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected a BGR image of shape (H, W, 3), got shape {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"empty image of shape {image.shape}")
+    return image
+
+
+def _one_line(message: str, limit: int = _MAX_DETAIL) -> str:
+    text = " ".join(str(message).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_dbnetpp_checkpoint(checkpoint: Mapping) -> bool:
+    return isinstance(checkpoint.get("model"), Mapping)
+
+
+def _stored_test_scale(checkpoint: Mapping) -> Optional[Tuple[int, int]]:
+    """``config["data"]["test_scale"]`` of a dbnetpp checkpoint, if it has one."""
+    config = checkpoint.get("config") if _is_dbnetpp_checkpoint(checkpoint) else None
+    data = config.get("data") if isinstance(config, Mapping) else None
+    scale = data.get("test_scale") if isinstance(data, Mapping) else None
+    if isinstance(scale, (list, tuple)) and len(scale) == 2:
+        return int(scale[0]), int(scale[1])
+    return None
+
+
+def load_model(weights: Union[PathLike, Mapping], model: Optional[str] = None) -> nn.Module:
+    """Build the network and load trained weights into it (strict key and shape check).
+
+    Args:
+        weights: path of a checkpoint file, or an already loaded checkpoint dict. Either the dbnetpp
+            format (``{"model": state_dict, "model_name": ..., ...}``) or MMOCR's
+            (``{"state_dict": ..., "meta": ...}``, or a bare state dict).
+        model: builder name (``dbnetpp.MODEL_NAMES``). Default: the checkpoint's ``model_name``
+            when it has one, else ``"dbnetpp_resnet50_dcnv2"``. Naming a different model than
+            the checkpoint's own is an error.
+
+    Returns the model in eval mode on the CPU. Raises FileNotFoundError (missing file) or
+    ValueError (unreadable checkpoint, unknown model name, weights that do not fit the model),
+    with the file named.
+    """
+    return _load_model(weights, model)[0]
+
+
+def _load_model(weights: Union[PathLike, Mapping], model: Optional[str]) -> Tuple[nn.Module, Mapping]:
+    from dbnetpp.checkpoint import detect_format, load_model_weights, read_checkpoint
+    from dbnetpp.models.dbnet import build_model
+
+    if isinstance(weights, Mapping):
+        where, checkpoint = "checkpoint", weights
+    else:
+        where, checkpoint = os.fspath(weights), read_checkpoint(weights)
+    try:
+        fmt = detect_format(checkpoint)
+    except ValueError as err:
+        raise ValueError(f"{where}: not a detector checkpoint ({_one_line(err)})") from err
+    if fmt == "torchvision":
+        raise ValueError(f"{where} holds ImageNet ResNet weights (a backbone only), not a trained detector")
+    stored = checkpoint.get("model_name") if fmt == "dbnetpp" else None
+    if stored is not None and model is not None and model != stored:
+        raise ValueError(f"{where} holds a {stored!r} model, but model {model!r} was asked for")
+    name = model or stored or DEFAULT_MODEL
+    net = build_model(name)
+    try:
+        load_model_weights(net, checkpoint)
+    except (RuntimeError, ValueError) as err:  # missing / unexpected / mis-shaped keys, unknown layout
+        hint = "" if stored else " (name the model if the checkpoint holds another one)"
+        raise ValueError(f"{where}: weights do not fit model {name!r}{hint}: {_one_line(err)}") from err
+    return net.eval(), checkpoint
+
+
+def _prepare(model: nn.Module) -> nn.Module:
+    """BN folding etc. via ``dbnetpp.inference.prepare_for_inference`` when available."""
+    try:
+        from dbnetpp.inference import prepare_for_inference
+    except ImportError:  # pragma: no cover - optional speed-up
+        return model.eval()
+    return prepare_for_inference(model).eval()
+
+
+class Detector:
+    """Scene-text detector around a trained DBNet / DBNet++.
+
+    Args:
+        weights: checkpoint path or dict (dbnetpp or MMOCR format, see ``load_model``), or an
+            already built ``nn.Module`` that maps normalised (N, 3, H, W) images to probability
+            maps (N, H, W) in eval mode (it is copied, not modified).
+        model: builder name; default the checkpoint's own, else ``"dbnetpp_resnet50_dcnv2"``.
+        device: torch device for the network ("cpu", "cuda", ...).
+        test_scale: (long, short) of the keep-ratio test resize. Default: the ``data.test_scale``
+            stored in a dbnetpp checkpoint's config, else MMOCR's (4068, 1024).
+        text_repr_type, mask_thr, min_text_score, min_text_width, unclip_ratio, epsilon_ratio,
+            max_candidates: ``DBPostProcessor`` options with MMOCR's DBNet++ values.
+        prepare: fold BN etc. with ``dbnetpp.inference.prepare_for_inference`` (DBNet models only).
+    """
+
+    def __init__(
+        self,
+        weights: Union[PathLike, Mapping, nn.Module],
+        model: Optional[str] = None,
+        device: Union[str, torch.device] = "cpu",
+        test_scale: Optional[Tuple[int, int]] = None,
+        *,
+        text_repr_type: str = "quad",
+        mask_thr: float = 0.3,
+        min_text_score: float = 0.3,
+        min_text_width: float = 5,
+        unclip_ratio: float = 1.5,
+        epsilon_ratio: float = 0.002,
+        max_candidates: int = 3000,
+        prepare: bool = True,
+    ) -> None:
+        from dbnetpp.models.dbnet import DBNet
+        from dbnetpp.postprocess import DBPostProcessor
+
+        if isinstance(weights, nn.Module):
+            net, checkpoint = copy.deepcopy(weights).eval(), {}
+        else:
+            net, checkpoint = _load_model(weights, model)
+        if test_scale is None:
+            test_scale = _stored_test_scale(checkpoint) or DEFAULT_TEST_SCALE
+        if len(test_scale) != 2 or min(test_scale) <= 0:
+            raise ValueError(f"test_scale must be two positive sizes (long, short), got {test_scale}")
+        self.model_name = getattr(net, "name", type(net).__name__)
+        self.device = torch.device(device)
+        net = net.to(self.device)
+        if prepare and isinstance(net, DBNet):
+            net = _prepare(net)  # on its device: the memory layout it picks depends on it
+        self.model = net.eval()
+        self.test_scale = (int(test_scale[0]), int(test_scale[1]))
+        self.postprocessor = DBPostProcessor(
+            text_repr_type=text_repr_type,
+            mask_thr=mask_thr,
+            min_text_score=min_text_score,
+            min_text_width=min_text_width,
+            unclip_ratio=unclip_ratio,
+            epsilon_ratio=epsilon_ratio,
+            max_candidates=max_candidates,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(model={self.model_name!r}, device={str(self.device)!r}, "
+            f"test_scale={self.test_scale}, postprocessor={self.postprocessor!r})"
+        )
+
+    def preprocess(self, image: ImageInput) -> Tuple[torch.Tensor, Tuple[float, float]]:
+        """Image (path or BGR array) -> resized, normalised (3, h, w) tensor and its scale (sx, sy)."""
+        from dbnetpp.data.transforms import resize_for_test
+        from dbnetpp.preprocess import normalize_image
+
+        resized, (sx, sy) = resize_for_test(_as_bgr(image), self.test_scale)
+        return normalize_image(resized), (float(sx), float(sy))
+
+    @torch.inference_mode()
+    def predict_maps(self, images: Sequence[ImageInput]) -> Tuple[List[np.ndarray], List[Tuple[float, float]]]:
+        """Probability maps of a batch, each cropped to its own padded (multiple-of-32) extent.
+
+        Returns float32 maps (H_i, W_i) at the resized resolution and the scales (sx, sy).
+        """
+        if isinstance(images, (str, os.PathLike, np.ndarray)) or len(images) == 0:
+            raise ValueError("predict_maps expects a non-empty sequence of images")
+        tensors, scales = zip(*(self.preprocess(img) for img in images))
+        batch = batch_images(list(tensors)).to(self.device)
+        prob = self.model(batch).float().cpu().numpy()
+        maps = []
+        for t, p in zip(tensors, prob):
+            # the map MMOCR post-processes for a single image: padded to multiples of 32
+            height, width = pad_to_divisor(t.shape[1], t.shape[2])
+            maps.append(np.ascontiguousarray(p[:height, :width]))
+        return maps, list(scales)
+
+    def postprocess(self, prob_map: np.ndarray, scale: Tuple[float, float]) -> List[Detection]:
+        """Probability map (H, W) at the resized resolution -> detections in original pixels."""
+        # MMOCR's rescale: x * (1 / sx), y * (1 / sy); padding is bottom/right only, so no shift
+        polygons, scores = self.postprocessor(prob_map, scale)
+        return [(np.asarray(p, dtype=np.float32).reshape(-1, 2), float(s)) for p, s in zip(polygons, scores)]
+
+    def detect_batch(self, images: Sequence[ImageInput]) -> List[List[Detection]]:
+        """Detect text in several images (paths or BGR uint8 arrays) with one forward pass.
+
+        Returns, per image, a list of ``(polygon, score)``: polygon float32 (K, 2) of (x, y) in
+        that image's original pixels (K = 4 for "quad"), score the mean probability inside it.
+        """
+        maps, scales = self.predict_maps(images)
+        return [self.postprocess(m, s) for m, s in zip(maps, scales)]
+
+    def detect(self, image: ImageInput) -> List[Detection]:
+        """Detect text in one image (path or BGR uint8 (H, W, 3) array); see ``detect_batch``."""
+        return self.detect_batch([image])[0]
+
+    def __call__(self, image: ImageInput) -> List[Detection]:
+        return self.detect(image)
