@@ -21,23 +21,56 @@ PathOrStateDict = Union[str, "os.PathLike[str]", Mapping[str, Any]]
 _MAX_LISTED = 20
 
 
+class _Opaque:
+    """Inert stand-in for an object in a checkpoint that we never use (mmengine's ``meta`` and
+    ``message_hub`` hold HistoryBuffers, numpy scalars, ...). Building it runs no code from
+    the file: it only keeps the arguments it was given."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "_Opaque":
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
 def load_state_dict_file(path: Union[str, "os.PathLike[str]"]) -> Dict[str, Any]:
-    """Read a checkpoint file on the CPU with ``weights_only=True`` (no arbitrary code execution)."""
+    """Read a checkpoint file on the CPU with ``weights_only=True`` (no arbitrary code execution).
+
+    Checkpoints written by mmengine (MMOCR's model zoo) also pickle objects that
+    ``weights_only`` refuses; each such class or function is replaced by an inert
+    ``_Opaque`` so the tensors still load and nothing from the file is executed.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path}: cannot be read with torch.load(weights_only=True) ({err}). If you trust the file, "
-            "load it yourself with torch.load(path, weights_only=False) and pass the state dict instead."
-        ) from err
-    except RuntimeError as err:  # not a torch file, truncated zip, ...
+        obj = _load_with_stand_ins(path, err)
+    except Exception as err:  # not a torch file, truncated zip, ...
         raise ValueError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
     return dict(obj)
+
+
+def _load_with_stand_ins(path: str, first_error: Exception) -> Any:
+    """``torch.load(weights_only=True)`` with every global it refused replaced by ``_Opaque``."""
+    find_unsafe = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if find_unsafe is None:  # torch < 2.5
+        raise ValueError(
+            f"{path}: cannot be read with torch.load(weights_only=True) ({first_error}). If you trust the "
+            "file, load it yourself with torch.load(path, weights_only=False) and pass the state dict."
+        ) from first_error
+    try:
+        stand_ins = [(_Opaque, name) for name in find_unsafe(path)]
+        with torch.serialization.safe_globals(stand_ins):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({err})") from first_error
 
 
 def _as_state_dict(path_or_state_dict: PathOrStateDict) -> Dict[str, Any]:

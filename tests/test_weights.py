@@ -148,3 +148,46 @@ def test_torchvision_backbone_errors(model):
     r18 = build_model("dbnet_resnet18_tiny")
     with pytest.raises(ValueError, match=r"conv1\.weight: checkpoint \(64, 3, 7, 7\) vs model \(32, 3, 7, 7\)"):
         load_torchvision_backbone(r18, torchvision.models.resnet18().state_dict())
+
+
+class HistoryBuffer:
+    """Stands for mmengine objects pickled into MMOCR checkpoints' ``meta``/``message_hub``."""
+
+    ran = []
+
+    def __init__(self):
+        self.values = [0.5, 0.25]
+
+    def __setstate__(self, state):  # must never run while loading weights
+        HistoryBuffer.ran.append(state)
+        self.__dict__.update(state)
+
+
+def test_mmengine_checkpoint_with_foreign_objects_loads_without_running_them(tmp_path):
+    import numpy as np
+
+    src = build_model("dbnet_resnet18_tiny")
+    for p in src.parameters():
+        torch.nn.init.normal_(p)
+    ckpt = {
+        "meta": {"seed": np.int64(7), "epoch": 1200, "hook": HistoryBuffer()},
+        "state_dict": src.state_dict(),
+        "message_hub": {"log_scalars": {"loss": HistoryBuffer()}},
+    }
+    path = tmp_path / "mmocr_like.pth"
+    torch.save(ckpt, path)
+    with pytest.raises(Exception):  # plain weights_only refuses the file
+        torch.load(path, weights_only=True)
+
+    dst = build_model("dbnet_resnet18_tiny")
+    load_mmocr_checkpoint(dst, path)
+    for (k, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert HistoryBuffer.ran == []
+
+
+def test_unreadable_file_is_named(tmp_path):
+    path = tmp_path / "garbage.pth"
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="garbage.pth"):
+        load_mmocr_checkpoint(build_model("dbnet_resnet18_tiny"), path)
