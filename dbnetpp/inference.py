@@ -1,0 +1,134 @@
+"""Inference-only copy of a DBNet: BatchNorm folded into the convolutions, no threshold branch.
+
+``prepare_for_inference(model)`` returns a model whose eval output (the probability map
+(N, H, W)) equals the original's to float precision while skipping the BatchNorm passes and
+the threshold branch of the head (which eval mode never uses):
+
+- every ``BatchNorm2d`` directly after a convolution is folded into it: the ResNet stem and
+  blocks (``convK`` -> ``bnK``, the deformable ``conv2`` included: the DCN is linear in its
+  weight), ``downsample`` (conv, BN) and the head's ``binarize`` (conv -> BN and
+  ConvTranspose2d -> BN; a transposed convolution's output channels are dim 1 of its weight);
+- ``det_head.threshold`` is removed, every parameter has ``requires_grad=False``;
+- on the CPU the weights are put in channels_last memory format, which is faster there (oneDNN
+  convolutions skip their layout reorders and the fast deformable convolution reads
+  channels_last input without a copy); see ``benchmarks/dcn.py``.
+
+The returned model is for eval only: ``train()`` on it is not supported.
+"""
+
+import copy
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from dbnetpp.models.dcn import ModulatedDeformConv2d
+from dbnetpp.models.resnet import BasicBlock, Bottleneck, ResNet
+
+__all__ = ["fold_batchnorm", "prepare_for_inference"]
+
+ConvLike = Union[nn.Conv2d, nn.ConvTranspose2d, ModulatedDeformConv2d]
+
+
+def _is_conv(module: nn.Module) -> bool:
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        return module.groups == 1 or isinstance(module, nn.Conv2d)
+    return isinstance(module, ModulatedDeformConv2d)
+
+
+def _is_foldable_bn(module: nn.Module) -> bool:
+    return isinstance(module, _BatchNorm) and module.running_mean is not None and module.running_var is not None
+
+
+@torch.no_grad()
+def _fold(conv: ConvLike, bn: _BatchNorm) -> None:
+    """conv <- bn(conv(.)) for eval-mode BN: scale each output channel, then shift it (in place)."""
+    weight = conv.weight
+    scale = bn.running_var.double().add(bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -bn.running_mean.double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    if isinstance(conv, nn.ConvTranspose2d):
+        out_dim = 1  # weight (in, out, kh, kw)
+    else:
+        out_dim = 0  # weight (out, in, kh, kw), deformable conv included
+    if weight.shape[out_dim] != scale.numel():
+        raise ValueError(
+            f"cannot fold BatchNorm of {scale.numel()} channels into {type(conv).__name__} "
+            f"with weight {tuple(weight.shape)}"
+        )
+    shape = [1] * weight.dim()
+    shape[out_dim] = -1
+    weight.copy_((weight.double() * scale.view(shape)).to(weight.dtype))
+    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+    new_bias = (bias * scale + shift).to(weight.dtype)
+    if conv.bias is not None:
+        conv.bias.copy_(new_bias)
+    else:
+        conv.bias = nn.Parameter(new_bias, requires_grad=weight.requires_grad)
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold every BatchNorm that directly follows a convolution into it, in place.
+
+    Pairs: consecutive (conv, BN) entries of any ``nn.Sequential``, and ``convK`` / ``bnK``
+    attribute pairs of the ResNet stem and blocks (whose forward applies ``bnK`` to the
+    output of ``convK``). Folded BNs become ``nn.Identity``. Valid for eval mode only.
+    Returns the number of BNs folded.
+    """
+    count = 0
+    for parent in list(model.modules()):
+        if isinstance(parent, nn.Sequential):
+            names = list(parent._modules)
+            for first, second in zip(names, names[1:]):
+                conv, bn = parent._modules[first], parent._modules[second]
+                if conv is not None and bn is not None and _is_conv(conv) and _is_foldable_bn(bn):
+                    _fold(conv, bn)
+                    parent._modules[second] = nn.Identity()
+                    count += 1
+        elif isinstance(parent, (ResNet, BasicBlock, Bottleneck)):
+            for name, bn in list(parent.named_children()):
+                if not name.startswith("bn") or not _is_foldable_bn(bn):
+                    continue
+                conv = getattr(parent, "conv" + name[2:], None)
+                if conv is not None and _is_conv(conv):
+                    _fold(conv, bn)
+                    setattr(parent, name, nn.Identity())
+                    count += 1
+    return count
+
+
+def _default_channels_last(model: nn.Module) -> bool:
+    param = next(model.parameters(), None)
+    # Measured on a 2-core AVX-512 CPU (benchmarks/dcn.py, R50-DCNv2 at 1024x1824): channels_last
+    # is faster there. Elsewhere (CUDA) leave the layout alone.
+    return param is not None and param.device.type == "cpu"
+
+
+def prepare_for_inference(model: nn.Module, channels_last: Optional[bool] = None) -> nn.Module:
+    """An eval-only copy of ``model`` (a ``DBNet``) for fast inference; ``model`` is not modified.
+
+    Args:
+        model: a DBNet (``dbnetpp.models.DBNet``) on any device.
+        channels_last: put the weights in channels_last memory format; None = the faster
+            choice for the model's device (True on CPU, False elsewhere).
+
+    Returns a model on the same device mapping normalised (N, 3, H, W) images to probability
+    maps (N, H, W), as ``model.eval()`` does, with BatchNorm folded, no threshold branch and no
+    gradients.
+    """
+    net = copy.deepcopy(model).eval()
+    fold_batchnorm(net)
+    head = getattr(net, "det_head", None)
+    if head is not None and getattr(head, "threshold", None) is not None:
+        head.threshold = None  # eval mode only runs `binarize`
+    for param in net.parameters():
+        param.requires_grad_(False)
+    if channels_last is None:
+        channels_last = _default_channels_last(net)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net

@@ -1,0 +1,147 @@
+"""dbnetpp.inference: BatchNorm folding and the inference copy of a DBNet."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from dbnetpp.inference import fold_batchnorm, prepare_for_inference
+from dbnetpp.models import ModulatedDeformConv2d, build_model
+
+
+def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BN statistics and affine parameters, and a non-zero ``conv_offset`` (DCN really deforms)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, _BatchNorm):
+                c = m.num_features
+                m.running_mean.copy_(0.5 * torch.randn(c, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=gen))
+                m.weight.copy_(0.4 + 0.6 * torch.rand(c, generator=gen))
+                m.bias.copy_(0.2 * torch.randn(c, generator=gen))
+            elif isinstance(m, ModulatedDeformConv2d):
+                w = m.conv_offset.weight
+                w.copy_(0.02 * torch.randn(w.shape, generator=gen))
+                m.conv_offset.bias.copy_(torch.randn(m.conv_offset.bias.shape, generator=gen))
+    return model
+
+
+@pytest.fixture(scope="module")
+def r50_dcn():
+    torch.manual_seed(0)
+    return randomise(build_model("dbnetpp_resnet50_dcnv2")).eval()
+
+
+def snapshot(model: nn.Module):
+    return (
+        copy.deepcopy(model.state_dict()),
+        model.training,
+        [p.requires_grad for p in model.parameters()],
+        [type(m) for m in model.modules()],
+    )
+
+
+def assert_unchanged(model: nn.Module, before) -> None:
+    state, training, grads, types = before
+    after = model.state_dict()
+    assert after.keys() == state.keys()
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+    assert model.training == training
+    assert [p.requires_grad for p in model.parameters()] == grads
+    assert [type(m) for m in model.modules()] == types
+
+
+def test_dcn_model_offsets_really_deform(r50_dcn):
+    """Guard for the parity test below: with the randomised conv_offset the DCN differs from a conv."""
+    dcn = r50_dcn.backbone.layer3[1].conv2
+    x = torch.randn(1, dcn.in_channels, 6, 7)
+    offset, _ = dcn.offset_and_mask(x)
+    assert offset.abs().mean() > 0.3
+
+
+@pytest.mark.parametrize("channels_last", [None, False, True])
+def test_r50_dcnv2_same_output(r50_dcn, channels_last):
+    model = r50_dcn
+    before = snapshot(model)
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x)
+        fast = prepare_for_inference(model, channels_last=channels_last)
+        out = fast(x)
+    assert out.shape == (2, 64, 96)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    assert_unchanged(model, before)
+
+
+def test_r50_dcnv2_folding_exact_in_float64(r50_dcn):
+    """In float64 the folded model equals the original up to rounding (the fold is algebraically exact)."""
+    model = copy.deepcopy(r50_dcn).double()
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(x)
+        out = prepare_for_inference(model, channels_last=False)(x)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+
+
+def test_prepared_structure(r50_dcn):
+    before = snapshot(r50_dcn)
+    fast = prepare_for_inference(r50_dcn)
+    assert not fast.training
+    assert not any(isinstance(m, _BatchNorm) for m in fast.modules())
+    assert fast.det_head.threshold is None
+    assert not any(p.requires_grad for p in fast.parameters())
+    dcns = [m for m in fast.modules() if isinstance(m, ModulatedDeformConv2d)]
+    assert len(dcns) == 13 and all(m.bias is not None for m in dcns)
+    assert fast.backbone.layer2[0].conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    # the original still has its BNs, threshold branch and gradients
+    assert_unchanged(r50_dcn, before)
+    assert r50_dcn.det_head.threshold is not None
+    assert sum(isinstance(m, _BatchNorm) for m in r50_dcn.modules()) > 0
+
+
+def test_dbnet_resnet18_same_output():
+    torch.manual_seed(0)
+    model = randomise(build_model("dbnet_resnet18"), seed=3)
+    model.train()  # prepare_for_inference must not care about (or change) the caller's mode
+    before = snapshot(model)
+    x = torch.randn(1, 3, 96, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        fast = prepare_for_inference(model)
+        out = fast(x)
+        ref = model.eval()(x)
+    model.train()
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    assert_unchanged(model, before)
+
+
+def test_fold_sequential_with_transposed_conv():
+    """Conv -> BN and ConvTranspose2d -> BN (output channels on weight dim 1) in a Sequential."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1, bias=False),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.ConvTranspose2d(6, 4, 2, 2),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.ConvTranspose2d(4, 1, 2, 2),
+    ).double()
+    randomise(net)
+    net.eval()
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float64)
+    with torch.no_grad():
+        ref = net(x)
+        assert fold_batchnorm(net) == 2
+        out = net(x)
+    assert isinstance(net[1], nn.Identity) and isinstance(net[4], nn.Identity)
+    assert net[0].bias is not None
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+
+
+def test_bn_not_after_conv_is_kept():
+    net = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1)).eval()
+    assert fold_batchnorm(net) == 0
+    assert isinstance(net[1], nn.BatchNorm2d)
