@@ -1,0 +1,325 @@
+"""One training epoch, one evaluation pass, the optimiser and the poly LR schedule.
+
+``train_one_epoch`` and ``evaluate`` follow torchvision's ``references/detection``:
+losses come back as a named dict summed once by the criterion, the reduced values are
+only for logging and for the non-finite check (done on the all-reduced loss, so every
+rank stops at the same iteration), autocast and the GradScaler are always present but
+disabled unless AMP is asked for, so the step has no branches.
+"""
+
+import math
+import time
+from contextlib import nullcontext
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from . import distributed as dist_utils
+from .meters import JsonlLogger, SmoothedValue
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; names the epoch and iteration (both 0-based)."""
+
+    def __init__(self, epoch: int, iteration: int, losses: Mapping[str, float]) -> None:
+        self.epoch = epoch
+        self.iteration = iteration
+        self.losses = dict(losses)
+        parts = ", ".join(f"{k}={v}" for k, v in self.losses.items())
+        super().__init__(f"non-finite loss at epoch {epoch}, iteration {iteration} ({parts}); training stopped")
+
+
+# --- optimiser and schedule ---------------------------------------------------------
+
+
+def scaled_lr(base_lr: float, total_batch_size: int, base_batch_size: int = 16) -> float:
+    """Linear scaling rule: ``base_lr * total_batch_size / base_batch_size``."""
+    if total_batch_size < 1 or base_batch_size < 1:
+        raise ValueError(f"batch sizes must be >= 1, got total={total_batch_size}, base={base_batch_size}")
+    return base_lr * total_batch_size / base_batch_size
+
+
+def build_optimizer(
+    model: nn.Module, name: str, lr: float, momentum: float = 0.9, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    """SGD (MMOCR: momentum 0.9, decay 1e-4 on every parameter, BN and biases included),
+    Adam or AdamW over all trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose sgd, adam or adamw")
+
+
+def poly_lr(base_lr: float, epoch: int, total_epochs: int, power: float = 0.9, eta_min: float = 1e-7) -> float:
+    """LR during 0-based ``epoch``: ``eta_min + (base_lr - eta_min) * (1 - epoch/total)^power``.
+
+    The closed form of mmengine's PolyLR stepped once per epoch; it stays at
+    ``eta_min`` past ``total_epochs``.
+    """
+    progress = min(max(epoch, 0), total_epochs) / total_epochs
+    return eta_min + (base_lr - eta_min) * (1.0 - progress) ** power
+
+
+class PolyLR(torch.optim.lr_scheduler.LRScheduler):
+    """Poly decay with a floor, stepped once per epoch (``scheduler.step()`` after each epoch).
+
+    Every value is the closed form ``poly_lr`` of ``last_epoch`` (no drift from chained
+    updates); ``state_dict()`` holds only plain numbers.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        total_epochs: int,
+        power: float = 0.9,
+        eta_min: float = 1e-7,
+        last_epoch: int = -1,
+    ) -> None:
+        if total_epochs < 1:
+            raise ValueError(f"total_epochs must be >= 1, got {total_epochs}")
+        self.total_epochs = total_epochs
+        self.power = power
+        self.eta_min = eta_min
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> List[float]:
+        return [poly_lr(b, self.last_epoch, self.total_epochs, self.power, self.eta_min) for b in self.base_lrs]
+
+    _get_closed_form_lr = get_lr
+
+
+# --- training -----------------------------------------------------------------------
+
+
+def autocast_context(device: torch.device, amp: Optional[str]):
+    """``torch.autocast`` for ``amp`` in {"bf16", "fp16"}, or a null context."""
+    if amp is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+
+
+def _to_device(batch: Mapping[str, Any], device: torch.device, channels_last: bool = False) -> Dict[str, Any]:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if channels_last and v.dim() == 4:
+                v = v.contiguous(memory_format=torch.channels_last)
+        out[k] = v
+    return out
+
+
+def _images_key(batch: Mapping[str, Any]) -> str:
+    for key in ("images", "image"):
+        if key in batch:
+            return key
+    raise KeyError(f"batch has no 'images' entry; keys: {sorted(batch)}")
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: Callable[[Any, Mapping[str, torch.Tensor]], Dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    data_loader: Iterable[Mapping[str, Any]],
+    device: torch.device,
+    epoch: int,
+    *,
+    scaler: Optional["torch.amp.GradScaler"] = None,
+    amp: Optional[str] = None,
+    clip_grad: Optional[float] = None,
+    channels_last: bool = False,
+    log_interval: int = 5,
+    logger: Optional[JsonlLogger] = None,
+    start_time: Optional[float] = None,
+    progress: bool = True,
+) -> Dict[str, float]:
+    """Train ``model`` for one pass over ``data_loader``; returns epoch-mean losses and timings.
+
+    Each batch is a dict with ``images`` (or ``image``) (N, 3, S, S) and the target maps
+    (N, S, S). Every ``log_interval`` iterations rank 0 appends one ``"type": "train"``
+    record to ``logger`` (loss parts averaged over the window, lr, images/s over all
+    ranks, data vs compute seconds per iteration, elapsed seconds). Raises
+    ``NonFiniteLossError`` before the optimiser step when the loss is NaN or infinite.
+    """
+    model.train()
+    if scaler is None:
+        scaler = torch.amp.GradScaler(device.type, enabled=False)
+    start_time = time.perf_counter() if start_time is None else start_time
+    world_size = dist_utils.get_world_size()
+    main = dist_utils.is_main_process()
+    iters = len(data_loader)  # type: ignore[arg-type]
+
+    epoch_losses: Dict[str, SmoothedValue] = {}
+    window: Dict[str, List[float]] = {}
+    window_images, window_data, window_compute = 0, 0.0, 0.0
+    window_start = time.perf_counter()
+    total_data, total_compute, total_images = 0.0, 0.0, 0
+
+    bar = tqdm(data_loader, total=iters, desc=f"epoch {epoch}", disable=not (main and progress), leave=False)
+    t_end = time.perf_counter()
+    for it, batch in enumerate(bar):
+        t_data = time.perf_counter()
+        batch = _to_device(batch, device, channels_last)
+        images = batch.pop(_images_key(batch))
+        with autocast_context(device, amp):
+            outputs = model(images)
+            losses = criterion(outputs, batch)
+
+        reduced = dist_utils.reduce_dict({k: v.detach() for k, v in losses.items()})
+        values = {k: float(v) for k, v in reduced.items()}  # one sync per step, as torchvision does
+        if not math.isfinite(values["loss"]):
+            raise NonFiniteLossError(epoch, it, values)
+
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses["loss"]).backward()
+        if clip_grad is not None:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t_step = time.perf_counter()
+
+        n_images = images.shape[0] * world_size
+        data_s, compute_s = t_data - t_end, t_step - t_data
+        t_end = t_step
+        for k, v in values.items():
+            epoch_losses.setdefault(k, SmoothedValue()).update(v)
+            window.setdefault(k, []).append(v)
+        window_images += n_images
+        window_data += data_s
+        window_compute += compute_s
+        total_images += n_images
+        total_data += data_s
+        total_compute += compute_s
+        lr = optimizer.param_groups[0]["lr"]
+        if main and progress:
+            bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}", refresh=False)
+
+        if (it + 1) % log_interval == 0 or it + 1 == iters:
+            n = len(window["loss"])
+            wall = time.perf_counter() - window_start
+            record = {
+                "type": "train",
+                "epoch": epoch,
+                "iter": it + 1,
+                "iters": iters,
+                "step": epoch * iters + it + 1,
+                **{k: sum(v) / n for k, v in window.items()},
+                "lr": lr,
+                "images_per_s": window_images / wall if wall > 0 else None,
+                "data_time": window_data / n,
+                "compute_time": window_compute / n,
+                "elapsed_s": time.perf_counter() - start_time,
+            }
+            if device.type == "cuda":
+                record["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            if main and logger is not None:
+                logger.log(record)
+            window = {}
+            window_images, window_data, window_compute = 0, 0.0, 0.0
+            window_start = time.perf_counter()
+    bar.close()
+
+    summary = {k: m.global_avg for k, m in epoch_losses.items()}
+    summary.update(
+        images_per_s=total_images / max(total_data + total_compute, 1e-9),
+        data_time=total_data / max(iters, 1),
+        compute_time=total_compute / max(iters, 1),
+    )
+    return summary
+
+
+# --- evaluation ---------------------------------------------------------------------
+
+
+def inference_model(model: nn.Module) -> nn.Module:
+    """The model to evaluate with: ``dbnetpp.inference.prepare_for_inference(model)`` (an
+    eval-only copy, BN folded, no threshold branch) when that module exists, else
+    ``model.eval()`` (the next ``train_one_epoch`` switches it back)."""
+    model = getattr(model, "module", model)  # unwrap DDP: evaluation runs without collectives
+    try:
+        from .inference import prepare_for_inference
+    except ImportError:
+        return model.eval()
+    return prepare_for_inference(model)
+
+
+def _padding_flags(data_loader: DataLoader, count: int) -> List[bool]:
+    """Which of this rank's first ``count`` samples are DistributedSampler padding.
+
+    With ``shuffle=False`` the sampler lays the dataset out as ``range(n)`` followed by
+    repeats of its start, and rank r takes positions r, r + W, r + 2W, ...; a position
+    >= n is a duplicate that another rank already evaluates.
+    """
+    sampler = getattr(data_loader, "sampler", None)
+    if not isinstance(sampler, DistributedSampler):
+        return [False] * count
+    if sampler.shuffle:
+        raise ValueError("evaluation needs DistributedSampler(shuffle=False) to skip padded duplicates")
+    n = len(sampler.dataset)  # type: ignore[arg-type]
+    return [sampler.rank + k * sampler.num_replicas >= n for k in range(count)]
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    data_loader: DataLoader,
+    device: torch.device,
+    postprocessor: Callable[..., Any],
+    metric_factory: Callable[[], Any],
+    *,
+    amp: Optional[str] = None,
+    channels_last: bool = False,
+    progress: bool = True,
+) -> Dict[str, float]:
+    """Detect text on every test image and score it with the ICDAR 2015 H-mean.
+
+    ``model`` is in eval mode (see ``inference_model``) and maps (N, 3, H, W) to
+    probability maps (N, H, W). Each rank evaluates its shard of ``data_loader``
+    (batches from ``collate_test``), runs ``postprocessor(prob_map, scale=(sx, sy))`` and
+    updates its own ``metric_factory()``; the metric states are gathered and merged, so
+    every rank returns the same ``precision``, ``recall``, ``hmean``, ``score_thr``,
+    ``num_images`` and ``eval_s``. Duplicates added by DistributedSampler are skipped.
+    """
+    start = time.perf_counter()
+    metric = metric_factory()
+    total = len(data_loader.dataset)  # type: ignore[arg-type]
+    main = dist_utils.is_main_process()
+    seen = 0
+    flags = _padding_flags(data_loader, len(data_loader.sampler))  # type: ignore[arg-type]
+    for batch in tqdm(data_loader, desc="eval", disable=not (main and progress), leave=False):
+        images = batch[_images_key(batch)].to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast_context(device, amp):
+            prob = model(images)
+        prob = prob.float().cpu().numpy()
+        for i in range(prob.shape[0]):
+            skip = flags[seen]
+            seen += 1
+            if skip:
+                continue
+            polygons, scores = postprocessor(prob[i], scale=tuple(batch["scale"][i]))
+            metric.update(polygons, scores, batch["polygons"][i], batch["ignore"][i])
+
+    states = dist_utils.all_gather_object(metric.state())
+    merged = metric_factory()
+    for state in states:
+        merged.merge(state)
+    if merged.num_images != total:
+        raise RuntimeError(f"evaluated {merged.num_images} images, the test set has {total}")
+    result = dict(merged.compute())
+    result["num_images"] = merged.num_images
+    result["eval_s"] = time.perf_counter() - start
+    return result

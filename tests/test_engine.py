@@ -1,0 +1,241 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from dbnetpp.engine import (
+    NonFiniteLossError,
+    PolyLR,
+    _padding_flags,
+    build_optimizer,
+    evaluate,
+    poly_lr,
+    scaled_lr,
+    train_one_epoch,
+)
+from dbnetpp.metric import HmeanIoU
+
+
+def mmengine_chained_poly(base_lr, total, power, eta_min, epochs):
+    """mmengine PolyLR's recursive update, one step per epoch (independent of the closed form)."""
+    lrs, lr = [], base_lr
+    for e in range(epochs):
+        lrs.append(lr)
+        if e < total:
+            lr = (lr - eta_min) * (1 - 1 / (total - e)) ** power + eta_min
+    return lrs
+
+
+def test_poly_schedule_matches_closed_form_and_mmengine_recursion():
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.007, momentum=0.9)
+    scheduler = PolyLR(optimizer, total_epochs=1200, power=0.9, eta_min=1e-7)
+    seen = []
+    for _ in range(1200):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    closed = [1e-7 + (0.007 - 1e-7) * (1 - e / 1200) ** 0.9 for e in range(1200)]
+    chained = mmengine_chained_poly(0.007, 1200, 0.9, 1e-7, 1200)
+    np.testing.assert_allclose(seen, closed, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(seen, chained, rtol=1e-9, atol=1e-15)
+    assert seen[0] == 0.007
+    assert seen[600] == pytest.approx(1e-7 + (0.007 - 1e-7) * 0.5**0.9, rel=1e-12)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-7)  # after the last epoch: the floor
+    assert poly_lr(0.007, 5000, 1200) == pytest.approx(1e-7)  # never negative past the end
+
+
+def test_poly_schedule_uses_the_overridden_length_and_resumes_from_state():
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.014)
+    sched = PolyLR(opt, total_epochs=10)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-7 + (0.014 - 1e-7) * 0.6**0.9, rel=1e-12)
+    state = sched.state_dict()
+    assert all(isinstance(v, (int, float, bool, list, type(None))) for v in state.values())
+
+    opt2 = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.014)
+    sched2 = PolyLR(opt2, total_epochs=10)
+    sched2.load_state_dict(state)
+    opt2.step()
+    sched2.step()
+    opt.step()
+    sched.step()
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_scaled_lr_is_linear_in_total_batch():
+    assert scaled_lr(0.007, 16, 16) == 0.007
+    assert scaled_lr(0.007, 32, 16) == pytest.approx(0.014)
+    assert scaled_lr(1e-3, 4, 8) == pytest.approx(5e-4)
+    with pytest.raises(ValueError):
+        scaled_lr(0.007, 0, 16)
+
+
+def test_build_optimizer_recipe():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    sgd = build_optimizer(model, "sgd", 0.007, momentum=0.9, weight_decay=1e-4)
+    group = sgd.param_groups[0]
+    assert isinstance(sgd, torch.optim.SGD)
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.007, 0.9, 1e-4)
+    assert len(group["params"]) == 4  # decay on conv, bias and BN parameters alike
+    assert isinstance(build_optimizer(model, "adam", 1e-3), torch.optim.Adam)
+    assert isinstance(build_optimizer(model, "adamw", 1e-3), torch.optim.AdamW)
+    with pytest.raises(ValueError, match="rmsprop"):
+        build_optimizer(model, "rmsprop", 1e-3)
+
+
+class Linear2d(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 1)
+
+    def forward(self, x):
+        return {"out": self.conv(x).squeeze(1)}
+
+
+class NaNAt:
+    """MSE loss that turns NaN at the given (0-based) call."""
+
+    def __init__(self, bad_call: int) -> None:
+        self.bad_call = bad_call
+        self.calls = 0
+
+    def __call__(self, outputs, targets):
+        loss = ((outputs["out"] - targets["target"]) ** 2).mean()
+        if self.calls == self.bad_call:
+            loss = loss * float("nan")
+        self.calls += 1
+        return {"loss": loss, "loss_prob": loss.detach() * 0.5}
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.records = []
+
+    def log(self, r):
+        self.records.append(dict(r))
+
+
+def batches(n, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {"images": torch.randn(batch, 3, 4, 4, generator=g), "target": torch.randn(batch, 4, 4, generator=g)}
+        for _ in range(n)
+    ]
+
+
+def test_train_one_epoch_logs_every_interval_and_returns_means():
+    torch.manual_seed(0)
+    model = Linear2d()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    log = Recorder()
+    summary = train_one_epoch(
+        model, NaNAt(-1), opt, batches(5), torch.device("cpu"), 3, log_interval=2, logger=log, progress=False
+    )
+    assert [r["iter"] for r in log.records] == [2, 4, 5]
+    assert [r["step"] for r in log.records] == [3 * 5 + 2, 3 * 5 + 4, 3 * 5 + 5]
+    for r in log.records:
+        assert r["type"] == "train" and r["epoch"] == 3 and r["iters"] == 5 and r["lr"] == 0.01
+        assert r["loss_prob"] == pytest.approx(0.5 * r["loss"])
+        assert r["images_per_s"] > 0 and r["data_time"] >= 0 and r["compute_time"] > 0 and r["elapsed_s"] > 0
+    # epoch mean = mean of the window means weighted by window length
+    weighted = (2 * log.records[0]["loss"] + 2 * log.records[1]["loss"] + log.records[2]["loss"]) / 5
+    assert summary["loss"] == pytest.approx(weighted)
+
+
+def test_nan_loss_stops_before_the_step_naming_epoch_and_iteration():
+    torch.manual_seed(0)
+    model = Linear2d()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    data = batches(4)
+    snapshots = []
+
+    class Snapshot(list):
+        def __iter__(self):
+            for b in super().__iter__():
+                snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+                yield b
+
+    with pytest.raises(NonFiniteLossError, match=r"epoch 7, iteration 2") as info:
+        train_one_epoch(model, NaNAt(2), opt, Snapshot(data), torch.device("cpu"), 7, progress=False)
+    assert (info.value.epoch, info.value.iteration) == (7, 2)
+    assert math.isnan(info.value.losses["loss"])
+    # weights are those from before the bad batch: the NaN never reached the optimiser
+    after = model.state_dict()
+    assert all(torch.equal(after[k], snapshots[2][k]) for k in after)
+    assert not torch.equal(snapshots[2]["conv.weight"], snapshots[0]["conv.weight"])
+
+
+def test_gradient_clipping_bounds_the_update():
+    torch.manual_seed(0)
+    model = Linear2d()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    big = [{"images": torch.full((2, 3, 4, 4), 100.0), "target": torch.zeros(2, 4, 4)}]
+    train_one_epoch(model, NaNAt(-1), opt, big, torch.device("cpu"), 0, clip_grad=0.1, progress=False)
+    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+    assert step.norm() == pytest.approx(0.1, rel=1e-4)  # the raw gradient is far larger: clipped to 0.1
+
+
+class Boxes(Dataset):
+    """Image i is filled with i; its ground truth is one box, one '###' box."""
+
+    def __len__(self):
+        return 7
+
+    def __getitem__(self, i):
+        box = np.array([[4, 4], [40, 4], [40, 20], [4, 20]], np.float32) + i
+        ignored = np.array([[60, 60], [90, 60], [90, 80], [60, 80]], np.float32)
+        image = torch.full((3, 32, 32), float(i))
+        return {"image": image, "polygons": [box, ignored], "ignore": np.array([False, True])}
+
+
+def collate(samples):
+    return {
+        "images": torch.stack([s["image"] for s in samples]),
+        "scale": [(2.0, 2.0)] * len(samples),
+        "polygons": [s["polygons"] for s in samples],
+        "ignore": [s["ignore"] for s in samples],
+    }
+
+
+def fake_pp(prob_map, scale=None):
+    """Predicts image i's box when i % 3 != 0,
+    plus a detection inside the ignored box (which must not count as a false positive)."""
+    assert scale == (2.0, 2.0)  # the test-resize factors reach the post-processor
+    i = int(round(float(prob_map[0, 0])))
+    polys = [np.array([[61, 61], [89, 61], [89, 79], [61, 79]], np.float32)]
+    if i % 3:
+        polys.append(np.array([[4, 4], [40, 4], [40, 20], [4, 20]], np.float32) + i)
+    return polys, [0.95] * len(polys)
+
+
+def test_evaluate_single_process_hand_computed():
+    loader = DataLoader(Boxes(), batch_size=3, collate_fn=collate)
+    result = evaluate(lambda x: x[:, 0], loader, torch.device("cpu"), fake_pp, HmeanIoU, progress=False)
+    # images 1, 2, 4, 5 hit (i % 3 != 0): recall 4/7, precision 4/4 (ignored-area detections dropped)
+    assert result["num_images"] == 7
+    assert result["recall"] == pytest.approx(4 / 7)
+    assert result["precision"] == pytest.approx(1.0)
+    assert result["hmean"] == pytest.approx(2 * (4 / 7) / (1 + 4 / 7))
+
+
+def test_padding_flags_mark_distributed_sampler_duplicates():
+    data = Boxes()  # 7 images on 3 ranks: 9 slots, the last 2 are duplicates
+    flags = {}
+    for rank in range(3):
+        sampler = DistributedSampler(data, num_replicas=3, rank=rank, shuffle=False)
+        loader = DataLoader(data, sampler=sampler, batch_size=2, collate_fn=collate)
+        flags[rank] = _padding_flags(loader, len(sampler))
+        kept = [i for i, pad in zip(sampler, flags[rank]) if not pad]
+        flags[rank] = kept
+    assert sorted(flags[0] + flags[1] + flags[2]) == list(range(7))
+    shuffled = DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=0, shuffle=True))
+    with pytest.raises(ValueError, match="shuffle=False"):
+        _padding_flags(shuffled, 4)

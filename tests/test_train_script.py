@@ -1,0 +1,201 @@
+"""examples/train.py end to end: torchrun on 2 CPU processes, exact resume, NaN stop, LR scaling."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import pytest
+import torch
+
+from dbnetpp.checkpoint import read_checkpoint
+from dbnetpp.config import PRESETS
+from dbnetpp.meters import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_LR = PRESETS["tiny"].train.lr  # quoted for the preset's base batch of 8
+SCRIPT = ROOT / "examples" / "train.py"
+
+# A few seconds per run: 16 synthetic training images cropped to 128 px, 4 held out.
+MICRO = [
+    "--preset", "tiny", "--synthetic-images", "16", "4", "--train-size", "128",
+    "--batch-size", "4", "--log-interval", "2", "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def train_module():
+    spec = importlib.util.spec_from_file_location("dbnetpp_train_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_main(train_module, *argv):
+    args = train_module.get_args_parser().parse_args(list(argv))
+    return train_module.main(args)
+
+
+def assert_tensors_close(a, b, path=""):
+    if isinstance(a, torch.Tensor):
+        assert a.shape == b.shape and a.dtype == b.dtype, path
+        if a.is_floating_point():
+            assert (a - b).abs().max().item() <= 1e-6, path
+        else:
+            assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            assert_tensors_close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_tensors_close(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_tiny_preset_one_epoch(tmp_path):
+    work = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(SCRIPT), "--preset", "tiny", "--epochs", "1", "--work-dir", str(work), "--no-progress",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    ckpt = torch.load(work / "last.pth", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 0 and ckpt["model_name"] == "dbnet_resnet18_tiny"
+    assert len(ckpt["rng"]) == 2  # one RNG state per rank
+    assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # distinct seeds per rank
+    assert ckpt["config"]["run"]["world_size"] == 2
+    assert (work / "best.pth").is_file()
+
+    records = read_jsonl(work / "log.jsonl")
+    evals = [r for r in records if r["type"] == "eval"]
+    assert len(evals) == 1 and {"precision", "recall", "hmean"} <= set(evals[0])
+    assert evals[0]["num_images"] == 64  # every held-out image once, none twice
+    assert 0.0 <= evals[0]["hmean"] <= 1.0
+    train = [r for r in records if r["type"] == "train"]
+    assert train and {"loss", "loss_prob", "loss_thr", "loss_db", "lr", "images_per_s", "data_time"} <= set(train[0])
+    # 2 processes x 8 images = 16 = twice the preset's base batch: the LR doubles, and is logged
+    assert all(r["lr"] == pytest.approx(2 * TINY_LR) for r in train)
+    assert json.loads((work / "config.json").read_text())["run"]["lr_scaled"] == pytest.approx(2 * TINY_LR)
+    assert f"lr {2 * TINY_LR:g} = {TINY_LR:g} x total batch 16 / 8" in proc.stdout
+
+    png = cv2.imread(str(work / "curves.png"))
+    assert png is not None and png.ndim == 3 and png.shape[0] > 100
+
+
+@pytest.mark.slow
+def test_exact_resume_equals_straight_run(tmp_path, train_module, monkeypatch):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = [*MICRO, "--epochs", "2", "--eval-interval", "100"]
+    run_main(train_module, *common, "--work-dir", str(straight))
+
+    real_train_one_epoch = train_module.train_one_epoch
+
+    def killed_in_epoch_1(*args, **kwargs):
+        if args[5] == 1:  # the epoch argument
+            raise KeyboardInterrupt("simulated kill during epoch 1")
+        return real_train_one_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_one_epoch", killed_in_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(train_module, *common, "--work-dir", str(resumed))
+    monkeypatch.undo()
+    after_epoch0 = read_checkpoint(resumed / "last.pth")
+    assert after_epoch0["epoch"] == 0
+
+    run_main(train_module, *common, "--work-dir", str(resumed), "--resume", str(resumed / "last.pth"))
+
+    a, b = read_checkpoint(straight / "last.pth"), read_checkpoint(resumed / "last.pth")
+    assert a["epoch"] == b["epoch"] == 1
+    for key in ("model", "optimizer", "lr_scheduler", "rng", "scaler", "best_hmean"):
+        assert_tensors_close(a[key], b[key], key)
+    # epoch 1 did move the weights: the comparison is not vacuous
+    floats = [k for k, v in a["model"].items() if v.is_floating_point()]
+    moved = max((after_epoch0["model"][k] - a["model"][k]).abs().max().item() for k in floats)
+    assert moved > 1e-4
+
+    # the schedule used the overridden length (2 epochs) with the scaled LR (4 / 8 x the preset's)
+    lrs = sorted({(r["epoch"], r["lr"]) for r in read_jsonl(straight / "log.jsonl") if r["type"] == "train"})
+    base = TINY_LR * 4 / 8
+    assert lrs == [(0, pytest.approx(base)), (1, pytest.approx(1e-7 + (base - 1e-7) * 0.5**0.9))]
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, train_module, monkeypatch, capsys):
+    base_loss = train_module.DBLoss
+    iters_per_epoch = 16 // 4
+    bad_call = iters_per_epoch + 1  # epoch 1, iteration 1
+
+    class NaNLoss(base_loss):
+        calls = 0
+
+        def forward(self, outputs, targets):
+            losses = super().forward(outputs, targets)
+            if NaNLoss.calls == bad_call:
+                losses["loss"] = losses["loss"] * float("nan")
+            NaNLoss.calls += 1
+            return losses
+
+    monkeypatch.setattr(train_module, "DBLoss", NaNLoss)
+    work = tmp_path / "nan"
+    status = train_module.run([*MICRO, "--epochs", "3", "--eval-interval", "100", "--work-dir", str(work)])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss at epoch 1, iteration 1" in err and "last.pth" in err
+
+    last = read_checkpoint(work / "last.pth")
+    assert last["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    assert sorted(p.name for p in work.iterdir() if p.name.endswith(".tmp")) == []
+
+
+@pytest.mark.slow
+def test_lr_scaling_flag_and_test_only_with_load_from(tmp_path, train_module):
+    trained = tmp_path / "trained"
+    result = run_main(train_module, *MICRO, "--epochs", "1", "--work-dir", str(trained))
+    config = json.loads((trained / "config.json").read_text())
+    assert config["run"]["lr_scaled"] == pytest.approx(TINY_LR * 4 / 8)
+    assert config["train"]["scale_lr"] is True
+
+    plain = tmp_path / "plain"
+    again = run_main(
+        train_module, *MICRO, "--no-scale-lr", "--test-only", "--load-from", str(trained / "last.pth"),
+        "--work-dir", str(plain),
+    )  # fmt: skip
+    config = json.loads((plain / "config.json").read_text())
+    assert config["run"]["lr_scaled"] == pytest.approx(TINY_LR) and config["train"]["scale_lr"] is False
+    # evaluating the saved weights reproduces the training run's evaluation
+    for key in ("precision", "recall", "hmean", "num_images"):
+        assert again[key] == pytest.approx(result[key])
+    assert [r["type"] for r in read_jsonl(plain / "log.jsonl")] == ["config", "eval"]
+    assert not any(p.suffix == ".pth" for p in plain.iterdir())
+
+
+def test_bad_arguments_fail_early(train_module):
+    parser = train_module.get_args_parser()
+    with pytest.raises(ValueError, match="train_size must be a multiple of 32"):
+        train_module.config_from_args(parser.parse_args(["--train-size", "100"]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--optimizer", "rmsprop"])
+    cfg = train_module.config_from_args(parser.parse_args(["--preset", "tiny", "--epochs", "3", "--no-scale-lr"]))
+    got = (cfg.model.name, cfg.train.epochs, cfg.train.scale_lr, cfg.train.optimizer)
+    assert got == ("dbnet_resnet18_tiny", 3, False, "adam")
+    default = train_module.config_from_args(parser.parse_args([]))
+    t = default.train
+    assert (default.model.name, t.optimizer, t.lr, t.momentum, t.weight_decay, t.epochs, t.batch_size) == (
+        "dbnetpp_resnet50_dcnv2", "sgd", 0.007, 0.9, 1e-4, 1200, 16,
+    )  # fmt: skip
+    assert (t.lr_power, t.lr_min, t.eval_interval, t.save_interval, tuple(default.data.test_scale)) == (
+        0.9, 1e-7, 20, 20, (4068, 1024),
+    )  # fmt: skip
+    assert math.isclose(t.lr, 0.007)
