@@ -103,8 +103,8 @@ def fold_batchnorm(model: nn.Module) -> int:
 
 def _default_channels_last(model: nn.Module) -> bool:
     param = next(model.parameters(), None)
-    # Measured on a 2-core AVX-512 CPU (benchmarks/dcn.py, R50-DCNv2 at 1024x1824): channels_last
-    # is faster there. Elsewhere (CUDA) leave the layout alone.
+    # benchmarks/dcn.py --modes model, 2-core AVX-512 CPU, 2 threads, R50-DCNv2 at 1x3x1024x1824:
+    # 7.2 s with channels_last against 11.8 s without. Elsewhere (CUDA) leave the layout alone.
     return param is not None and param.device.type == "cpu"
 
 

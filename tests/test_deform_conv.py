@@ -9,6 +9,15 @@ from dbnetpp.ops import deform_conv
 from dbnetpp.ops.deform_conv import modulated_deform_conv2d, resolve_impl
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These are many small ops: a second thread only adds synchronisation (and stalls on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def out_size(size, k, s, p, d):
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
@@ -156,6 +165,17 @@ def test_channels_last_input():
     assert out.is_contiguous(memory_format=torch.channels_last)
     # and a contiguous (NCHW) input gives a contiguous output, as a convolution would
     assert modulated_deform_conv2d(x, offset, mask, weight, bias, impl="fast").is_contiguous()
+
+
+def test_strided_offset_and_mask():
+    """Offsets and mask sliced from one channels_last conv output (as in a channels_last model)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 9, 10, generator=gen)
+    raw = (2.0 * torch.randn(2, 27, 9, 10, generator=gen)).contiguous(memory_format=torch.channels_last)
+    offset, mask = raw[:, :18], raw[:, 18:].sigmoid()
+    weight = torch.randn(3, 4, 3, 3, generator=gen)
+    ref = tv_deform_conv2d(x, offset.contiguous(), weight, padding=1, mask=mask.contiguous())
+    torch.testing.assert_close(modulated_deform_conv2d(x, offset, mask, weight, impl="fast"), ref, atol=1e-5, rtol=0)
 
 
 def test_reduced_precision_input_runs_in_float32():

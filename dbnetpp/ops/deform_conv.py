@@ -164,7 +164,7 @@ class _Sampling:
         k = kh * kw
         dg = offset.shape[1] // (2 * k)
         dev, dt = offset.device, offset.dtype
-        off = offset.view(n, dg, k, 2, ho, wo)
+        off = offset.reshape(n, dg, k, 2, ho, wo)
         # tap grid: (Ho, 1, K, 1) and (1, Wo, K, 1) against offsets laid out as (N, Ho, Wo, K, dg)
         tap_y = torch.arange(kh, device=dev, dtype=dt).repeat_interleave(kw) * dilation[0]
         tap_x = torch.arange(kw, device=dev, dtype=dt).repeat(kh) * dilation[1]
@@ -196,7 +196,7 @@ class _Sampling:
         )  # (N, Ho, Wo, K, dg, 4)
         self.mask = None
         if mask is not None:
-            self.mask = mask.view(n, dg, k, ho, wo).permute(0, 3, 4, 2, 1)
+            self.mask = mask.reshape(n, dg, k, ho, wo).permute(0, 3, 4, 2, 1)
             weights = bil * self.mask.unsqueeze(-1)
         else:
             weights = bil
