@@ -153,16 +153,18 @@ def _strip_module(key: str) -> str:
 def load_model_weights(model: nn.Module, path_or_dict: Union[PathLike, Mapping[str, Any]]) -> str:
     """Load weights (no optimiser state) into ``model`` strictly; returns the detected format.
 
-    Accepts a dbnetpp checkpoint, an MMOCR checkpoint, a bare detector state dict (a DDP
-    ``module.`` prefix is dropped), or torchvision ImageNet ResNet weights (backbone only),
-    as a path or an already loaded dict. Missing, unexpected or mis-shaped keys raise a
+    Accepts a dbnetpp checkpoint, an MMOCR checkpoint (model-zoo files too), a bare detector
+    state dict (a DDP ``module.`` prefix is dropped), or torchvision ImageNet ResNet weights
+    (backbone only), as a path or an already loaded dict. Missing, unexpected or mis-shaped keys raise a
     ValueError that names the source and the keys.
     """
-    from dbnetpp.weights import load_mmocr_checkpoint, load_torchvision_backbone
+    from dbnetpp.weights import load_mmocr_checkpoint, load_state_dict_file, load_torchvision_backbone
 
     is_path = isinstance(path_or_dict, (str, os.PathLike))
     source = str(path_or_dict) if is_path else "state dict"
-    ckpt = read_checkpoint(path_or_dict) if is_path else path_or_dict
+    # load_state_dict_file: weights_only, plus inert stand-ins for the foreign objects that
+    # mmengine pickles into a model-zoo checkpoint's meta (nothing from the file is run).
+    ckpt = load_state_dict_file(path_or_dict) if is_path else path_or_dict
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"{source}: expected a dict, got {type(ckpt).__name__}")
     try:

@@ -196,6 +196,18 @@ def test_load_model_weights_accepts_every_format(tmp_path, tiny_model):
         assert all(torch.equal(got[k], want[k]) for k in want), fmt
 
 
+def test_load_model_weights_reads_mmengine_files_with_foreign_objects(tmp_path, tiny_model):
+    path = tmp_path / "mmocr_zoo.pth"  # mmengine pickles numpy objects into "meta"
+    meta = {"seed": np.random.RandomState(0), "epoch": np.int64(1200)}
+    torch.save({"meta": meta, "state_dict": tiny_model.state_dict()}, path)
+    with pytest.raises(CheckpointError, match="mmocr_zoo.pth"):
+        read_checkpoint(path)  # our own format stays strict
+    model = _perturbed_copy(tiny_model)
+    assert load_model_weights(model, path) == "mmocr"
+    want = tiny_model.state_dict()
+    assert all(torch.equal(model.state_dict()[k], want[k]) for k in want)
+
+
 def test_load_model_weights_torchvision_backbone():
     torch.manual_seed(1)
     resnet = torchvision.models.resnet18(weights=None).state_dict()

@@ -60,6 +60,8 @@ class DBHead(nn.Module):
 
         binary_map = 1 / (1 + exp(-k * (sigmoid(prob_logits) - thr_map))).
         """
+        if self.threshold is None:
+            raise RuntimeError("this DBHead was prepared for inference (threshold branch removed): it cannot train")
         prob_logits = self.prob_logits(x)
         thr_map = self.threshold(x).squeeze(1)
         binary_map = torch.reciprocal(1.0 + torch.exp(-self.k * (torch.sigmoid(prob_logits) - thr_map)))
