@@ -244,15 +244,11 @@ def train_one_epoch(
 
 
 def inference_model(model: nn.Module) -> nn.Module:
-    """The model to evaluate with: ``dbnetpp.inference.prepare_for_inference(model)`` (an
-    eval-only copy, BN folded, no threshold branch) when that module exists, else
-    ``model.eval()`` (the next ``train_one_epoch`` switches it back)."""
-    model = getattr(model, "module", model)  # unwrap DDP: evaluation runs without collectives
-    try:
-        from .inference import prepare_for_inference
-    except ImportError:
-        return model.eval()
-    return prepare_for_inference(model)
+    """The model to evaluate with: an eval-only copy with BN folded and no threshold branch
+    (``dbnetpp.inference.prepare_for_inference``); the training model is left as it is."""
+    from .inference import prepare_for_inference
+
+    return prepare_for_inference(getattr(model, "module", model))  # unwrap DDP: no collectives in eval
 
 
 def _padding_flags(data_loader: DataLoader, count: int) -> List[bool]:

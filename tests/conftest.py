@@ -20,3 +20,13 @@ def icdar_root() -> Path:
     if not path.is_dir():
         pytest.skip(f"{ICDAR_ENV}={root} is not a directory")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module on one thread: many small ops, where a second thread only adds
+    synchronisation (and stalls on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

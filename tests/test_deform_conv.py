@@ -9,13 +9,7 @@ from dbnetpp.ops import deform_conv
 from dbnetpp.ops.deform_conv import modulated_deform_conv2d, resolve_impl
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These are many small ops: a second thread only adds synchronisation (and stalls on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def out_size(size, k, s, p, d):

@@ -11,13 +11,7 @@ from dbnetpp.inference import fold_batchnorm, prepare_for_inference
 from dbnetpp.models import ModulatedDeformConv2d, build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These are many small ops: a second thread only adds synchronisation (and stalls on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
