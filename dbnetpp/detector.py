@@ -98,13 +98,15 @@ def load_model(weights: Union[PathLike, Mapping], model: Optional[str] = None) -
 
 
 def _load_model(weights: Union[PathLike, Mapping], model: Optional[str]) -> Tuple[nn.Module, Mapping]:
-    from dbnetpp.checkpoint import detect_format, load_model_weights, read_checkpoint
+    from dbnetpp.checkpoint import detect_format, load_model_weights
     from dbnetpp.models.dbnet import build_model
+    from dbnetpp.weights import load_state_dict_file
 
     if isinstance(weights, Mapping):
         where, checkpoint = "checkpoint", weights
     else:
-        where, checkpoint = os.fspath(weights), read_checkpoint(weights)
+        # the reader --load-from uses: MMOCR model-zoo files (foreign objects in ``meta``) load too
+        where, checkpoint = os.fspath(weights), load_state_dict_file(weights)
     try:
         fmt = detect_format(checkpoint)
     except ValueError as err:

@@ -333,6 +333,13 @@ def test_checkpoint_formats_and_errors(tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="garbage.pth"):
         load_model(garbage)
+    # an mmengine model-zoo file: foreign objects in meta, still loadable (as with --load-from)
+    zoo = _save({"meta": {"seed": np.int64(3)}, "state_dict": net.state_dict()}, tmp_path / "zoo.pth")
+    with pytest.raises(Exception):
+        torch.load(zoo, weights_only=True)
+    loaded = load_model(zoo, model="dbnet_resnet18_tiny")
+    for (k, a), b in zip(net.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
 
 
 def test_read_image_errors(tmp_path):
