@@ -9,9 +9,16 @@ the threshold branch of the head (which eval mode never uses):
   weight), ``downsample`` (conv, BN) and the head's ``binarize`` (conv -> BN and
   ConvTranspose2d -> BN; a transposed convolution's output channels are dim 1 of its weight);
 - ``det_head.threshold`` is removed, every parameter has ``requires_grad=False``;
+- the neck computes its ASF conv level by level (``FPNC.split_asf_conv``: a 3x3 conv of nearest-
+  upsampled levels is a transposed conv of the small levels: 64 instead of 138 GFLOP at
+  1024x1824) and adds / concatenates upsampled levels through broadcast views, not copies;
 - on the CPU the weights are put in channels_last memory format, which is faster there (oneDNN
   convolutions skip their layout reorders and the fast deformable convolution reads
-  channels_last input without a copy); see ``benchmarks/dcn.py``.
+  channels_last input without a copy); see ``benchmarks/dcn.py``;
+- on the CPU, ``dbnetpp.allocator.keep_freed_memory()`` is called (process-wide, glibc only):
+  the 30-120 MB activations of every forward are then served from memory the process already
+  has instead of fresh, page-faulted ``mmap``s (6.5 s -> 5.3 s per 1x3x1024x1824 forward on the
+  2-core CPU of ``benchmarks/forward.py``); pass ``keep_memory=False`` to leave malloc alone.
 
 The returned model is for eval only: ``train()`` on it is not supported.
 """
@@ -23,7 +30,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from dbnetpp.allocator import keep_freed_memory
 from dbnetpp.models.dcn import ModulatedDeformConv2d
+from dbnetpp.models.fpnc import FPNC
 from dbnetpp.models.resnet import BasicBlock, Bottleneck, ResNet
 
 __all__ = ["fold_batchnorm", "prepare_for_inference"]
@@ -101,20 +110,23 @@ def fold_batchnorm(model: nn.Module) -> int:
     return count
 
 
-def _default_channels_last(model: nn.Module) -> bool:
+def _on_cpu(model: nn.Module) -> bool:
     param = next(model.parameters(), None)
-    # benchmarks/dcn.py --modes model, 2-core AVX-512 CPU, 2 threads, R50-DCNv2 at 1x3x1024x1824:
-    # 7.2 s with channels_last against 11.8 s without. Elsewhere (CUDA) leave the layout alone.
     return param is not None and param.device.type == "cpu"
 
 
-def prepare_for_inference(model: nn.Module, channels_last: Optional[bool] = None) -> nn.Module:
+def prepare_for_inference(
+    model: nn.Module, channels_last: Optional[bool] = None, keep_memory: Optional[bool] = None
+) -> nn.Module:
     """An eval-only copy of ``model`` (a ``DBNet``) for fast inference; ``model`` is not modified.
 
     Args:
         model: a DBNet (``dbnetpp.models.DBNet``) on any device.
         channels_last: put the weights in channels_last memory format; None = the faster
             choice for the model's device (True on CPU, False elsewhere).
+        keep_memory: call ``dbnetpp.allocator.keep_freed_memory()`` (a process-wide malloc
+            setting: freed activations stay mapped for the next forward); None = True when the
+            model is on the CPU.
 
     Returns a model on the same device mapping normalised (N, 3, H, W) images to probability
     maps (N, H, W), as ``model.eval()`` does, with BatchNorm folded, no threshold branch and no
@@ -125,10 +137,18 @@ def prepare_for_inference(model: nn.Module, channels_last: Optional[bool] = None
     head = getattr(net, "det_head", None)
     if head is not None and getattr(head, "threshold", None) is not None:
         head.threshold = None  # eval mode only runs `binarize`
+    for module in net.modules():
+        if isinstance(module, FPNC):
+            module.split_asf_conv()
     for param in net.parameters():
         param.requires_grad_(False)
+    on_cpu = _on_cpu(net)
     if channels_last is None:
-        channels_last = _default_channels_last(net)
+        # benchmarks/dcn.py --modes model, 2-core CPU, 2 threads, R50-DCNv2 at 1x3x1024x1824:
+        # 7.2 s with channels_last against 11.8 s without. Elsewhere (CUDA) leave the layout alone.
+        channels_last = on_cpu
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
+    if keep_memory or (keep_memory is None and on_cpu):
+        keep_freed_memory()
     return net
