@@ -8,9 +8,12 @@ a pixel, as in a trained model (a zero predictor would sample on the integer gri
                                  [--repeats 3] [--threads 2] [--impl auto]
 
 Prints one JSON line per figure: the median over ``--repeats`` timed runs (after one warm-up)
-under ``torch.inference_mode``, for the plain eval model ("eager") and, when
-``dbnetpp.inference.prepare_for_inference`` exists, for the prepared model, which is the path
-``dbnetpp.Detector`` uses by default.
+under ``torch.inference_mode``, for the plain eval model ("eager", timed first, with glibc's
+default malloc) and for the model of ``dbnetpp.inference.prepare_for_inference`` ("prepared",
+the path ``dbnetpp.Detector`` uses; it also makes malloc keep freed memory, see
+``dbnetpp.allocator``, unless ``--no-keep-memory``). With ``--breakdown`` it then prints where
+the prepared forward's time goes: one line per part (stem, layer1..4, the 13 DCNs inside them,
+neck and its ASF conv / attention, head), median ms over the same number of runs.
 """
 
 import argparse
@@ -19,13 +22,15 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dbnetpp import allocator  # noqa: E402
+from dbnetpp.inference import prepare_for_inference  # noqa: E402
 from dbnetpp.models.dbnet import MODEL_NAMES, build_model, set_dcn_impl  # noqa: E402
 from dbnetpp.models.dcn import ModulatedDeformConv2d  # noqa: E402
 
@@ -41,6 +46,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--impl", default="auto", help="deformable-conv implementation of the DCN layers")
     parser.add_argument("--no-prepared", action="store_true", help="skip the prepare_for_inference model")
+    parser.add_argument("--no-keep-memory", action="store_true", help="prepare with keep_memory=False")
+    parser.add_argument("--breakdown", action="store_true", help="time the parts of the prepared forward")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -75,6 +82,56 @@ def time_forward(fn: Callable[[], torch.Tensor], repeats: int, warmup: int) -> L
     return times
 
 
+def parts_of(net: nn.Module) -> List[Tuple[str, List[nn.Module]]]:
+    """(label, modules) whose forward times are summed into one figure."""
+    backbone, neck = net.backbone, net.neck
+    parts = [(f"backbone.layer{i}", [getattr(backbone, f"layer{i}")]) for i in range(1, 5)]
+    parts += [
+        ("backbone", [backbone]),
+        ("backbone.dcn (13 layers, offsets included)", [m for m in backbone.modules() if isinstance(m, ModulatedDeformConv2d)]),
+        ("neck", [neck]),
+        ("det_head.binarize", [net.det_head.binarize]),  # predict() = sigmoid(binarize(x))
+    ]
+    if getattr(neck, "asf", False):
+        fused = neck.asf_split if getattr(neck, "asf_split", None) is not None else neck.asf_conv
+        parts += [("neck.asf_conv", [fused]), ("neck.asf_attn", [neck.asf_attn])]
+    return parts
+
+
+def time_parts(net: nn.Module, x: torch.Tensor, repeats: int) -> Dict[str, List[float]]:
+    """Per-part wall time (s) of each of ``repeats`` forwards, from forward pre-hooks and hooks."""
+    parts = parts_of(net)
+    totals: Dict[str, List[float]] = {label: [] for label, _ in parts}
+    totals["total"] = []
+    current: Dict[str, float] = {}
+    handles = []
+    for label, modules in parts:
+        for m in modules:
+            def pre(mod, inp, label=label):
+                current[label + "@start"] = time.perf_counter()
+
+            def post(mod, inp, out, label=label):
+                current[label] = current.get(label, 0.0) + time.perf_counter() - current[label + "@start"]
+
+            handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    try:
+        with torch.inference_mode():
+            net(x)
+            for _ in range(repeats):
+                current.clear()
+                start = time.perf_counter()
+                net(x)
+                totals["total"].append(time.perf_counter() - start)
+                for label, _ in parts:
+                    totals[label].append(current.get(label, 0.0))
+    finally:
+        for h in handles:
+            h.remove()
+    layers = [sum(totals[f"backbone.layer{i}"][r] for i in range(1, 5)) for r in range(repeats)]
+    totals["backbone.stem"] = [b - l for b, l in zip(totals["backbone"], layers)]
+    return totals
+
+
 def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -82,34 +139,46 @@ def main(args: argparse.Namespace) -> None:
     randomize_offsets(model)
     num_dcn = set_dcn_impl(model, args.impl)
     x = torch.randn(args.batch, 3, args.height, args.width)
+    common = {
+        "model": args.model,
+        "input": [args.batch, 3, args.height, args.width],
+        "threads": args.threads,
+        "dcn_impl": args.impl if num_dcn else None,
+        "device": "cpu",
+    }
 
-    try:
-        from dbnetpp.inference import prepare_for_inference
-    except ImportError:
-        prepare_for_inference = None
-
-    paths = [("eager", model)]
-    if prepare_for_inference is not None and not args.no_prepared:
-        paths.append(("prepared", prepare_for_inference(model)))
-    default_path = "prepared" if prepare_for_inference is not None else "eager"
-
-    for path, net in paths:
+    def report(path: str, net: nn.Module) -> None:
         times = time_forward(lambda: net(x), args.repeats, args.warmup)
         record = {
             "benchmark": "forward",
             "metric": "latency_median",
             "value": round(statistics.median(times), 4),
             "unit": "s",
-            "model": args.model,
             "path": path,
-            "default_path": path == default_path,
-            "input": [args.batch, 3, args.height, args.width],
-            "threads": args.threads,
-            "dcn_impl": args.impl if num_dcn else None,
+            "default_path": path == "prepared",
+            "malloc_keeps_freed_memory": allocator.is_keeping_freed_memory(),
+            **common,
             "runs_s": [round(t, 4) for t in times],
-            "device": "cpu",
         }
         print(json.dumps(record), flush=True)
+
+    report("eager", model)  # before prepare_for_inference changes malloc's settings
+    if args.no_prepared:
+        return
+    prepared = prepare_for_inference(model, keep_memory=not args.no_keep_memory)
+    report("prepared", prepared)
+    if args.breakdown:
+        for label, values in time_parts(prepared, x, args.repeats).items():
+            record = {
+                "benchmark": "forward",
+                "metric": "part_ms_median",
+                "part": label,
+                "value": round(1000 * statistics.median(values), 1),
+                "unit": "ms",
+                "path": "prepared",
+                **common,
+            }
+            print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 One step = forward in train mode, ``DBLoss`` on random targets (or the sum of the output means
 when ``dbnetpp.loss`` is unavailable), backward and an SGD step (lr 0.007, momentum 0.9,
-weight decay 1e-4). Prints JSON lines: the median step time and images/s over ``--repeats``
-steps after ``--warmup`` steps::
+weight decay 1e-4). malloc keeps freed memory (``dbnetpp.allocator``), as ``examples/train.py``
+does on the CPU, unless ``--no-keep-memory``. Prints JSON lines: the median step time and
+images/s over ``--repeats`` steps after ``--warmup`` steps::
 
     python benchmarks/train_step.py --impl fast --repeats 3
     python benchmarks/train_step.py --impl torchvision --repeats 3
@@ -21,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dbnetpp import allocator  # noqa: E402
 from dbnetpp.models import build_model  # noqa: E402
 
 
@@ -49,6 +51,8 @@ def random_targets(batch: int, size: int) -> Dict[str, torch.Tensor]:
 def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if not args.no_keep_memory:
+        allocator.keep_freed_memory()  # as examples/train.py does on the CPU
     model = build_model(args.model, dcn_impl=args.impl).train()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -72,7 +76,8 @@ def main(args: argparse.Namespace) -> None:
     times = [step() for _ in range(args.repeats)]
     seconds = statistics.median(times)
     common = dict(benchmark="train_step", model=args.model, impl=args.impl, batch=args.batch, size=args.size,
-                  threads=args.threads, channels_last=args.channels_last)
+                  threads=args.threads, channels_last=args.channels_last,
+                  malloc_keeps_freed_memory=allocator.is_keeping_freed_memory())
     print(json.dumps({**common, "metric": "step_s", "value": round(seconds, 3), "unit": "s"}), flush=True)
     print(json.dumps({**common, "metric": "throughput", "value": round(args.batch / seconds, 3), "unit": "images/s"}),
           flush=True)
@@ -88,6 +93,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--no-keep-memory", action="store_true",
+                        help="leave glibc malloc's defaults (training keeps freed memory on the CPU)")
     return parser
 
 

@@ -67,6 +67,7 @@ class TrainConfig:
     save_interval: int = 20  # epochs; last.pth and best.pth are written regardless
     log_interval: int = 5  # iterations
     seed: int = 0  # offset by the rank in each process
+    keep_memory: bool = True  # CPU: malloc keeps freed memory (dbnetpp.allocator; ~1.5x faster steps)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ the threshold branch of the head (which eval mode never uses):
   weight), ``downsample`` (conv, BN) and the head's ``binarize`` (conv -> BN and
   ConvTranspose2d -> BN; a transposed convolution's output channels are dim 1 of its weight);
 - ``det_head.threshold`` is removed, every parameter has ``requires_grad=False``;
+- the two stride-2 transposed convs of ``det_head.binarize`` become 1x1 convs and one
+  PixelShuffle (``PixelShuffleDeconvs``);
 - the neck computes its ASF conv level by level (``FPNC.split_asf_conv``: a 3x3 conv of nearest-
   upsampled levels is a transposed conv of the small levels: 64 instead of 138 GFLOP at
   1024x1824) and adds / concatenates upsampled levels through broadcast views, not copies;
@@ -35,7 +37,7 @@ from dbnetpp.models.dcn import ModulatedDeformConv2d
 from dbnetpp.models.fpnc import FPNC
 from dbnetpp.models.resnet import BasicBlock, Bottleneck, ResNet
 
-__all__ = ["fold_batchnorm", "prepare_for_inference"]
+__all__ = ["PixelShuffleDeconvs", "fold_batchnorm", "prepare_for_inference"]
 
 ConvLike = Union[nn.Conv2d, nn.ConvTranspose2d, ModulatedDeformConv2d]
 
@@ -110,6 +112,81 @@ def fold_batchnorm(model: nn.Module) -> int:
     return count
 
 
+class PixelShuffleDeconvs(nn.Module):
+    """``second(relu(first(x)))`` for two ConvTranspose2d with kernel = stride = 2 (no padding),
+    as 1x1 convolutions and one PixelShuffle(4) (inference; about 40 % faster on the CPU).
+
+    A transposed conv with kernel = stride = r maps every input pixel to an r x r block: it is a
+    1x1 conv to C*r*r channels followed by PixelShuffle(r). ReLU commutes with the shuffle, and
+    the second transposed conv then acts on each of the 4 sub-pixel channel groups separately,
+    i.e. one 1x1 conv with a block-diagonal weight whose outputs PixelShuffle(4) puts in place.
+
+    Input (N, C_in, H, W) -> (N, C_out, 4H, 4W), equal to the original up to float rounding.
+    """
+
+    def __init__(self, first: nn.ConvTranspose2d, second: nn.ConvTranspose2d) -> None:
+        super().__init__()
+        for t in (first, second):
+            if not _is_2x2_deconv(t):
+                raise ValueError(f"PixelShuffleDeconvs needs kernel 2, stride 2, no padding, got {t}")
+        w1 = first.weight.detach()  # (C_in, C_mid, 2, 2)
+        w2 = second.weight.detach()  # (C_mid, C_out, 2, 2)
+        c_in, c_mid = w1.shape[:2]
+        c_out = w2.shape[1]
+        if w2.shape[0] != c_mid:
+            raise ValueError(f"PixelShuffleDeconvs: {first} does not feed {second}")
+        # expand: channel (i*2 + j)*C_mid + c of the 1x1 conv is sub-pixel (i, j) of channel c
+        self.expand = nn.Conv2d(c_in, 4 * c_mid, 1)
+        self.expand.weight.data = w1.permute(2, 3, 1, 0).reshape(4 * c_mid, c_in, 1, 1).clone()
+        self.expand.bias.data = _bias_of(first, c_mid).repeat(4)
+        # mix: out channel co*16 + ry*4 + rx, ry = 2i + a, rx = 2j + b, from group (i, j) only
+        mix = w1.new_zeros(c_out, 4, 4, 2, 2, c_mid)  # (co, ry, rx, i, j, c)
+        for i in range(2):
+            for j in range(2):
+                for a in range(2):
+                    for b in range(2):
+                        mix[:, 2 * i + a, 2 * j + b, i, j] = w2[:, :, a, b].t()
+        self.mix = nn.Conv2d(4 * c_mid, 16 * c_out, 1)
+        self.mix.weight.data = mix.reshape(16 * c_out, 4 * c_mid, 1, 1)
+        self.mix.bias.data = _bias_of(second, c_out).repeat_interleave(16)
+        self.shuffle = nn.PixelShuffle(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shuffle(self.mix(torch.relu(self.expand(x))))
+
+
+def _is_2x2_deconv(m: nn.Module) -> bool:
+    return (
+        isinstance(m, nn.ConvTranspose2d)
+        and tuple(m.kernel_size) == (2, 2)
+        and tuple(m.stride) == (2, 2)
+        and tuple(m.padding) == (0, 0)
+        and tuple(m.output_padding) == (0, 0)
+        and tuple(m.dilation) == (1, 1)
+        and m.groups == 1
+    )
+
+
+def _bias_of(t: nn.ConvTranspose2d, channels: int) -> torch.Tensor:
+    return t.bias.detach().clone() if t.bias is not None else t.weight.new_zeros(channels)
+
+
+def _shuffle_head_deconvs(branch: nn.Sequential) -> nn.Sequential:
+    """A BN-folded DB head branch [conv, Identity, ReLU, deconv, Identity, ReLU, deconv] with its
+    two deconvs as ``PixelShuffleDeconvs``; any other layout is returned unchanged."""
+    layers = [m for m in branch if not isinstance(m, nn.Identity)]
+    if (
+        len(layers) == 5
+        and isinstance(layers[2], nn.ConvTranspose2d)
+        and isinstance(layers[3], nn.ReLU)
+        and isinstance(layers[4], nn.ConvTranspose2d)
+        and _is_2x2_deconv(layers[2])
+        and _is_2x2_deconv(layers[4])
+    ):
+        return nn.Sequential(layers[0], layers[1], PixelShuffleDeconvs(layers[2], layers[4]))
+    return branch
+
+
 def _on_cpu(model: nn.Module) -> bool:
     param = next(model.parameters(), None)
     return param is not None and param.device.type == "cpu"
@@ -137,6 +214,8 @@ def prepare_for_inference(
     head = getattr(net, "det_head", None)
     if head is not None and getattr(head, "threshold", None) is not None:
         head.threshold = None  # eval mode only runs `binarize`
+    if head is not None and isinstance(getattr(head, "binarize", None), nn.Sequential):
+        head.binarize = _shuffle_head_deconvs(head.binarize)
     for module in net.modules():
         if isinstance(module, FPNC):
             module.split_asf_conv()

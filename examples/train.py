@@ -49,6 +49,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler, Subset
 
 from dbnetpp import distributed as dist_utils
+from dbnetpp.allocator import keep_freed_memory
 from dbnetpp.checkpoint import get_rng_state, load_model_weights, read_checkpoint, save_checkpoint, set_rng_state
 from dbnetpp.config import AMP_DTYPES, OPTIMIZERS, PRESETS, Config, get_config
 from dbnetpp.data import ICDAR2015, SyntheticText, TestDataset, TrainDataset, collate_test, collate_train
@@ -97,6 +98,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per process (default: cores / processes on this node)")
     p.add_argument("--seed", type=int, default=None, help="base seed; each rank adds its rank")
+    p.add_argument("--no-keep-memory", action="store_true",
+                   help="CPU: leave glibc malloc's defaults (see dbnetpp.allocator)")
     p.add_argument("--load-from", default=None, help="weights only: dbnetpp, MMOCR or torchvision checkpoint")
     p.add_argument("--resume", default=None, help="a dbnetpp checkpoint to continue exactly")
     p.add_argument("--test-only", action="store_true", help="evaluate and exit")
@@ -128,6 +131,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             "amp": args.amp,
             "eval_interval": args.eval_interval,
             "save_interval": args.save_interval,
+            "keep_memory": False if args.no_keep_memory else None,
             "log_interval": args.log_interval,
             "seed": args.seed,
         },
@@ -208,6 +212,8 @@ def _run(args: argparse.Namespace, info: dist_utils.DistInfo, start_time: float)
     set_threads(info, args.threads)
     seed_everything(cfg.train.seed + info.rank)
     progress = info.is_main and not args.no_progress
+    if device.type == "cpu" and cfg.train.keep_memory:
+        keep_freed_memory()  # activations are reused instead of page-faulted in every step
     if cfg.train.amp == "fp16" and device.type != "cuda":
         raise ValueError("--amp fp16 needs CUDA (use --amp bf16 on the CPU)")
     if cfg.model.sync_bn and device.type != "cuda" and info.world_size > 1:

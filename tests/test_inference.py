@@ -7,8 +7,10 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from dbnetpp.inference import fold_batchnorm, prepare_for_inference
+from dbnetpp import allocator
+from dbnetpp.inference import PixelShuffleDeconvs, fold_batchnorm, prepare_for_inference
 from dbnetpp.models import ModulatedDeformConv2d, build_model
+from dbnetpp.models.fpnc import UpsampledConcatConv
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,8 +72,8 @@ def test_r50_dcnv2_same_output(r50_dcn, channels_last):
     model = r50_dcn
     before = snapshot(model)
     x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    ref = model(x).detach()  # with autograd on: the plain forward, none of the no-grad shortcuts
     with torch.no_grad():
-        ref = model(x)
         fast = prepare_for_inference(model, channels_last=channels_last)
         out = fast(x)
     assert out.shape == (2, 64, 96)
@@ -83,8 +85,8 @@ def test_r50_dcnv2_folding_exact_in_float64(r50_dcn):
     """In float64 the folded model equals the original up to rounding (the fold is algebraically exact)."""
     model = copy.deepcopy(r50_dcn).double()
     x = torch.randn(1, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    ref = model(x).detach()
     with torch.no_grad():
-        ref = model(x)
         out = prepare_for_inference(model, channels_last=False)(x)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
 
@@ -99,6 +101,9 @@ def test_prepared_structure(r50_dcn):
     dcns = [m for m in fast.modules() if isinstance(m, ModulatedDeformConv2d)]
     assert len(dcns) == 13 and all(m.bias is not None for m in dcns)
     assert fast.backbone.layer2[0].conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    assert isinstance(fast.neck.asf_split, UpsampledConcatConv)
+    assert any(isinstance(m, PixelShuffleDeconvs) for m in fast.det_head.binarize)
+    assert not any("asf_split" in key for key in fast.state_dict())  # derived, not saved
     # the original still has its BNs, threshold branch and gradients
     assert_unchanged(r50_dcn, before)
     assert r50_dcn.det_head.threshold is not None
@@ -148,3 +153,41 @@ def test_bn_not_after_conv_is_kept():
     net = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1)).eval()
     assert fold_batchnorm(net) == 0
     assert isinstance(net[1], nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_pixel_shuffle_deconvs_equal_two_deconvs(channels_last, bias):
+    torch.manual_seed(0)
+    first = nn.ConvTranspose2d(6, 5, 2, 2, bias=bias).double()
+    second = nn.ConvTranspose2d(5, 2, 2, 2, bias=bias).double()
+    fast = PixelShuffleDeconvs(first, second)
+    x = torch.randn(2, 6, 7, 9, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+        fast = fast.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = second(torch.relu(first(x)))
+        out = fast(x)
+    assert out.shape == (2, 2, 28, 36)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+
+
+def test_pixel_shuffle_deconvs_rejects_other_deconvs():
+    with pytest.raises(ValueError, match="kernel 2, stride 2"):
+        PixelShuffleDeconvs(nn.ConvTranspose2d(4, 4, 3, 2), nn.ConvTranspose2d(4, 1, 2, 2))
+    with pytest.raises(ValueError, match="does not feed"):
+        PixelShuffleDeconvs(nn.ConvTranspose2d(4, 4, 2, 2), nn.ConvTranspose2d(3, 1, 2, 2))
+
+
+def test_prepare_keeps_freed_memory_only_when_asked(r50_dcn):
+    was = allocator.is_keeping_freed_memory()
+    try:
+        allocator.restore_default()
+        prepare_for_inference(r50_dcn, keep_memory=False)
+        assert not allocator.is_keeping_freed_memory()
+        prepare_for_inference(r50_dcn)  # CPU model: on by default (Linux with glibc)
+        assert allocator.is_keeping_freed_memory() == (allocator._glibc() is not None)
+    finally:
+        if not was:
+            allocator.restore_default()

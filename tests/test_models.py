@@ -7,6 +7,7 @@ import torchvision
 from torch import nn
 
 from dbnetpp.models import FPNC, MODEL_NAMES, DBHead, DBNet, ModulatedDeformConv2d, ResNet, build_model
+from dbnetpp.models.fpnc import ScaleChannelSpatialAttention, UpsampledConcatConv, upsample_factor
 
 
 def randomize_bn_stats(model: nn.Module, seed: int = 0) -> None:
@@ -126,19 +127,109 @@ def reference_fpnc(neck: FPNC, feats):
     return torch.cat([att[:, i : i + 1] * ups[i] for i in range(4)], 1)
 
 
+# level sizes: exact power-of-two multiples (inputs padded to 32: the view / split fast paths)
+# and odd ones (a 100x150 input gives 25x38, 13x19, 7x10, 4x5: interpolation fallbacks)
+EXACT_SIZES = [(24, 40), (12, 20), (6, 10), (3, 5)]
+ODD_SIZES = [(25, 38), (13, 19), (7, 10), (4, 5)]
+
+
+@pytest.mark.parametrize("sizes", [EXACT_SIZES, ODD_SIZES], ids=["exact", "odd"])
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "split", "split_channels_last"])
 @pytest.mark.parametrize("asf", [True, False])
-def test_fpnc_matches_functional_reference(asf):
+def test_fpnc_matches_functional_reference(asf, mode, sizes):
+    """Every forward path of the neck (autograd; no-grad views and attention projection;
+    split ASF conv of ``prepare_for_inference``, also channels_last) against the reference."""
     torch.manual_seed(0)
-    neck = FPNC((8, 16, 32, 64), lateral_channels=16, out_channels=8, asf=asf)
+    # float64: the fast paths re-associate sums, so float32 would differ by rounding only
+    neck = FPNC((8, 16, 32, 64), lateral_channels=16, out_channels=8, asf=asf).double()
     with torch.no_grad():
         if asf:
             neck.asf_conv.conv.bias.normal_()
-    feats = [torch.randn(2, c, 24 // s, 40 // s) for c, s in zip((8, 16, 32, 64), (1, 2, 4, 8))]
+    feats = [torch.randn(2, c, h, w, dtype=torch.float64) for c, (h, w) in zip((8, 16, 32, 64), sizes)]
+    if mode.startswith("split"):
+        neck.split_asf_conv()
+        assert (neck.asf_split is not None) == asf
+    if mode == "split_channels_last":
+        neck = neck.to(memory_format=torch.channels_last)
+        feats = [f.to(memory_format=torch.channels_last) for f in feats]
     with torch.no_grad():
-        out = neck(feats)
         expected = reference_fpnc(neck, feats)
-    assert out.shape == (2, 32, 24, 40)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    with torch.set_grad_enabled(mode == "grad"):
+        out = neck(feats)
+    assert out.shape == (2, 32, *sizes[0])
+    if mode == "split_channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.detach(), expected, atol=1e-10, rtol=1e-10)
+
+
+def test_fpnc_no_grad_paths_leave_inputs_alone():
+    """The in-place top-down add works on the lateral conv outputs, never on the caller's tensors."""
+    torch.manual_seed(0)
+    neck = FPNC((8, 16, 32, 64), lateral_channels=16, out_channels=8)
+    neck.split_asf_conv()
+    feats = [torch.randn(1, c, h, w) for c, (h, w) in zip((8, 16, 32, 64), EXACT_SIZES)]
+    copies = [f.clone() for f in feats]
+    with torch.no_grad():
+        neck(feats)
+    assert all(torch.equal(a, b) for a, b in zip(feats, copies))
+
+
+@pytest.mark.parametrize("factors", [(1, 2, 4, 8), (1, 1, 2), (1, 4)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_upsampled_concat_conv_equals_conv_of_upsampled(factors, bias):
+    torch.manual_seed(0)
+    channels = [3, 5, 2, 4][: len(factors)]
+    conv = nn.Conv2d(sum(channels), 6, 3, padding=1, bias=bias).double()
+    split = UpsampledConcatConv(conv, channels, factors)
+    size = (16, 24)
+    levels = [torch.randn(2, c, size[0] // s, size[1] // s, dtype=torch.float64) for c, s in zip(channels, factors)]
+    assert split.accepts(levels)
+    upsampled = [F.interpolate(x, size=size, mode="nearest") for x in levels]
+    with torch.no_grad():
+        expected = conv(torch.cat(upsampled, 1))
+        out = split(levels)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+
+
+def test_upsampled_concat_conv_rejects():
+    conv = nn.Conv2d(8, 4, 3, padding=1)
+    with pytest.raises(ValueError, match="3x3 conv with stride 1"):
+        UpsampledConcatConv(nn.Conv2d(8, 4, 3, padding=1, stride=2), [4, 4], [1, 2])
+    with pytest.raises(ValueError, match="must sum"):
+        UpsampledConcatConv(conv, [4, 3], [1, 2])
+    split = UpsampledConcatConv(conv, [4, 4], [1, 2])
+    odd = [torch.randn(1, 4, 9, 9), torch.randn(1, 4, 5, 5)]  # 9 is not 2 x 5
+    assert not split.accepts(odd)
+    with pytest.raises(ValueError, match="do not match"):
+        split(odd)
+
+
+def test_upsample_factor():
+    t = torch.empty
+    assert upsample_factor(t(1, 1, 3, 5), t(1, 1, 24, 40)) == 8
+    assert upsample_factor(t(1, 1, 3, 5), t(1, 1, 3, 5)) == 1
+    assert upsample_factor(t(1, 1, 3, 5), t(1, 1, 9, 15)) is None  # 3 is not a power of two
+    assert upsample_factor(t(1, 1, 3, 5), t(1, 1, 6, 20)) is None  # different factors per axis
+    assert upsample_factor(t(1, 1, 4, 5), t(1, 1, 7, 10)) is None
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_asf_attention_projection_equals_sums(bias):
+    """The inference form of ScaleChannelSpatialAttention (one 1x1 projection) equals MMOCR's sums."""
+    torch.manual_seed(0)
+    attn = ScaleChannelSpatialAttention(16, 4, 4).double()
+    with torch.no_grad():
+        for m in attn.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.normal_()
+        if bias:
+            attn.attention_wise.conv.bias = nn.Parameter(torch.randn(4, dtype=torch.float64))
+    x = torch.randn(2, 16, 7, 9, dtype=torch.float64)
+    expected = attn(x)  # autograd enabled: the summed form
+    with torch.no_grad():
+        out = attn(x)
+    assert expected.requires_grad and not out.requires_grad
+    torch.testing.assert_close(out, expected.detach(), atol=1e-12, rtol=0)
 
 
 def test_fpnc_keys_and_init():

@@ -207,9 +207,29 @@ class ScaleChannelSpatialAttention(nn.Module):
         self.attention_wise = ConvModule(in_channels, out_channels, 1, act=nn.Sigmoid())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.channel_wise(self.avg_pool(x)) + x
+        pooled = self.channel_wise(self.avg_pool(x))  # (N, C, 1, 1)
+        if not torch.is_grad_enabled():
+            return self._forward_projected(x, pooled)
+        out = pooled + x
         out = self.spatial_wise(out.mean(dim=1, keepdim=True)) + out
         return self.attention_wise(out)
+
+    def _forward_projected(self, x: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """The same without the two full-size sums (inference): everything after ``pooled`` is
+        linear in X up to the spatial branch, so with W the attention conv's (A, C) weight,
+        W(x + p + s) = Wx + Wp + s * W1 and mean_c(x + p) = mean_c(x) + mean_c(p). One 1x1 conv
+        of x to A + 1 channels (the last one averaging the channels) replaces them."""
+        conv = self.attention_wise.conv
+        n, c = x.shape[:2]
+        weight = conv.weight.flatten(1)  # (A, C)
+        project = torch.cat([weight, weight.new_full((1, c), 1.0 / c)]).view(-1, c, 1, 1)
+        projected = F.conv2d(x, project)  # (N, A + 1, H, W)
+        spatial = self.spatial_wise(projected[:, -1:] + pooled.mean(dim=1, keepdim=True))  # (N, 1, H, W)
+        shift = (pooled.flatten(1) @ weight.t()).view(n, -1, 1, 1)  # W p, (N, A, 1, 1)
+        if conv.bias is not None:
+            shift = shift + conv.bias.view(1, -1, 1, 1)
+        logits = torch.addcmul(projected[:, :-1] + shift, spatial, weight.sum(1).view(1, -1, 1, 1))
+        return logits if self.attention_wise.act is None else self.attention_wise.act(logits)
 
 
 class FPNC(nn.Module):
