@@ -11,9 +11,11 @@ the threshold branch of the head (which eval mode never uses):
 - ``det_head.threshold`` is removed, every parameter has ``requires_grad=False``;
 - the two stride-2 transposed convs of ``det_head.binarize`` become 1x1 convs and one
   PixelShuffle (``PixelShuffleDeconvs``);
-- the neck computes its ASF conv level by level (``FPNC.split_asf_conv``: a 3x3 conv of nearest-
-  upsampled levels is a transposed conv of the small levels: 64 instead of 138 GFLOP at
-  1024x1824) and adds / concatenates upsampled levels through broadcast views, not copies;
+- the neck computes its convolutions of upsampled maps at the maps' own resolution
+  (``FPNC.split_for_inference``: a 3x3 conv of a nearest-upsampled map is a transposed conv of
+  the small map): the ASF conv (64 instead of 138 GFLOP at 1024x1824) and the first level's
+  smoothing conv, folded with its 1x1 lateral conv; upsampled maps are added and concatenated
+  through broadcast views, not copies;
 - on the CPU the weights are put in channels_last memory format, which is faster there (oneDNN
   convolutions skip their layout reorders and the fast deformable convolution reads
   channels_last input without a copy); see ``benchmarks/dcn.py``;
@@ -218,7 +220,7 @@ def prepare_for_inference(
         head.binarize = _shuffle_head_deconvs(head.binarize)
     for module in net.modules():
         if isinstance(module, FPNC):
-            module.split_asf_conv()
+            module.split_for_inference()
     for param in net.parameters():
         param.requires_grad_(False)
     on_cpu = _on_cpu(net)

@@ -102,6 +102,7 @@ def test_prepared_structure(r50_dcn):
     assert len(dcns) == 13 and all(m.bias is not None for m in dcns)
     assert fast.backbone.layer2[0].conv2.weight.is_contiguous(memory_format=torch.channels_last)
     assert isinstance(fast.neck.asf_split, UpsampledConcatConv)
+    assert isinstance(fast.neck.first_smooth_split, UpsampledConcatConv)
     assert any(isinstance(m, PixelShuffleDeconvs) for m in fast.det_head.binarize)
     assert not any("asf_split" in key for key in fast.state_dict())  # derived, not saved
     # the original still has its BNs, threshold branch and gradients

@@ -147,8 +147,8 @@ def test_fpnc_matches_functional_reference(asf, mode, sizes):
             neck.asf_conv.conv.bias.normal_()
     feats = [torch.randn(2, c, h, w, dtype=torch.float64) for c, (h, w) in zip((8, 16, 32, 64), sizes)]
     if mode.startswith("split"):
-        neck.split_asf_conv()
-        assert (neck.asf_split is not None) == asf
+        neck.split_for_inference()
+        assert (neck.asf_split is not None) == asf and neck.first_smooth_split is not None
     if mode == "split_channels_last":
         neck = neck.to(memory_format=torch.channels_last)
         feats = [f.to(memory_format=torch.channels_last) for f in feats]
@@ -166,7 +166,7 @@ def test_fpnc_no_grad_paths_leave_inputs_alone():
     """The in-place top-down add works on the lateral conv outputs, never on the caller's tensors."""
     torch.manual_seed(0)
     neck = FPNC((8, 16, 32, 64), lateral_channels=16, out_channels=8)
-    neck.split_asf_conv()
+    neck.split_for_inference()
     feats = [torch.randn(1, c, h, w) for c, (h, w) in zip((8, 16, 32, 64), EXACT_SIZES)]
     copies = [f.clone() for f in feats]
     with torch.no_grad():

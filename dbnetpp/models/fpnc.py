@@ -265,7 +265,9 @@ class FPNC(nn.Module):
             concat = self.out_channels
             self.asf_conv = ConvModule(concat, concat, 3, padding=1, bias=True)
             self.asf_attn = ScaleChannelSpatialAttention(concat, concat // 4, self.num_levels)
-        # inference only: asf_conv computed level by level (see ``split_asf_conv``)
+        # inference only (see ``split_for_inference``): convolutions of upsampled maps computed
+        # at the maps' own resolution
+        self.first_smooth_split: Optional[UpsampledConcatConv] = None
         self.asf_split: Optional[UpsampledConcatConv] = None
 
         # mmcv ConvModule init for every neck conv (the FPNC init_cfg itself matches no module).
@@ -275,27 +277,54 @@ class FPNC(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def split_asf_conv(self) -> None:
-        """For inference: compute ``asf_conv`` at each level's resolution (``UpsampledConcatConv``)
-        whenever the levels are exact power-of-two multiples of each other (inputs padded to a
-        multiple of 32), instead of on the concatenated upsampled levels. Not for training: the
-        split copy of the weights does not follow later changes of ``asf_conv``."""
+    def split_for_inference(self) -> None:
+        """For inference: compute the convolutions that read nearest-upsampled maps at the maps'
+        own resolution (``UpsampledConcatConv``) whenever the levels are exact power-of-two
+        multiples of each other (always for inputs padded to a multiple of 32):
+
+        - ``asf_conv`` on the concatenated upsampled levels (138 -> 64 GFLOP at 1024x1824);
+        - the first level's smoothing conv S on lateral L(c2) + up(top-down): with a bias-free
+          1x1 lateral conv, S(L c2 + up(t)) is the 3x3 conv [S L | S] of cat(c2, up(t)), so the
+          256-channel stride-4 lateral map is never formed.
+
+        Not for training: the split copies of the weights do not follow later weight changes.
+        """
+        lateral, smooth = self.lateral_convs[0], self.smooth_convs[0]
+        if lateral.act is None and lateral.conv.bias is None and smooth.act is None:
+            lateral_weight = lateral.conv.weight.detach().double().flatten(1)  # (L, C0)
+            smooth_weight = smooth.conv.weight.detach().double()  # (O, L, 3, 3)
+            folded = torch.einsum("olyx,lc->ocyx", smooth_weight, lateral_weight)
+            conv = nn.Conv2d(folded.shape[1] + self.lateral_channels, smooth_weight.shape[0], 3, padding=1,
+                             bias=smooth.conv.bias is not None)
+            conv = conv.to(device=smooth.conv.weight.device, dtype=torch.float64)
+            with torch.no_grad():
+                conv.weight.copy_(torch.cat([folded, smooth_weight], dim=1))
+                if conv.bias is not None:
+                    conv.bias.copy_(smooth.conv.bias)
+            dtype = smooth.conv.weight.dtype
+            self.first_smooth_split = UpsampledConcatConv(conv, [folded.shape[1], self.lateral_channels], [1, 2])
+            self.first_smooth_split.to(dtype)
         if self.asf:
             channels = [self.out_channels // self.num_levels] * self.num_levels
             factors = [2**i for i in range(self.num_levels)]
             self.asf_split = UpsampledConcatConv(self.asf_conv.conv, channels, factors)
-            self.asf_split.to(self.asf_conv.conv.weight.device)
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(inputs) != self.num_levels:
             raise ValueError(f"FPNC expects {self.num_levels} feature maps, got {len(inputs)}")
-        laterals = [conv(x) for conv, x in zip(self.lateral_convs, inputs)]
-        for i in range(self.num_levels - 1, 0, -1):
+        split = not torch.is_grad_enabled()  # the inference-only paths of split_for_inference
+        laterals: List[torch.Tensor] = [inputs[0]] + [conv(x) for conv, x in zip(self.lateral_convs[1:], inputs[1:])]
+        for i in range(self.num_levels - 1, 1, -1):
             laterals[i - 1] = _add_upsampled(laterals[i - 1], laterals[i])
-        levels: List[torch.Tensor] = [conv(lat) for conv, lat in zip(self.smooth_convs, laterals)]
+        first = self.first_smooth_split
+        if split and first is not None and first.accepts(laterals[:2]):
+            finest = first(laterals[:2])
+        else:
+            finest = self.smooth_convs[0](_add_upsampled(self.lateral_convs[0](inputs[0]), laterals[1]))
+        levels = [finest] + [conv(lat) for conv, lat in zip(self.smooth_convs[1:], laterals[1:])]
         if not self.asf:
             return _concat_upsampled(levels)
-        if self.asf_split is not None and not torch.is_grad_enabled() and self.asf_split.accepts(levels):
+        if split and self.asf_split is not None and self.asf_split.accepts(levels):
             feature = self.asf_split(levels)
         else:
             feature = self.asf_conv(_concat_upsampled(levels))

@@ -19,7 +19,7 @@ Two implementations:
   that of a plain convolution); offset and mask gradients are dot products of the column
   gradient with weighted corner sums (again ``embedding_bag``), the input gradient is the
   transposed gather (corner entries sorted by input pixel, one weighted ``embedding_bag`` per
-  pixel). Single-threaded on the 2-core AVX-512 CPU, the 13 DBNet++ DCN layers take about 3x
+  pixel). Single-threaded on the 2-core AVX2 CPU, the 13 DBNet++ DCN layers take about 3x
   less time than torchvision's kernel in inference at 1x3x1024x1824 and 5x less in forward +
   backward at 2x3x640x640 (``benchmarks/dcn.py``); channels_last input saves two transposes.
 
