@@ -320,7 +320,8 @@ class FPNC(nn.Module):
         if split and first is not None and first.accepts(laterals[:2]):
             finest = first(laterals[:2])
         else:
-            finest = self.smooth_convs[0](_add_upsampled(self.lateral_convs[0](inputs[0]), laterals[1]))
+            lateral = self.lateral_convs[0](inputs[0])
+            finest = self.smooth_convs[0](_add_upsampled(lateral, laterals[1]) if self.num_levels > 1 else lateral)
         levels = [finest] + [conv(lat) for conv, lat in zip(self.smooth_convs[1:], laterals[1:])]
         if not self.asf:
             return _concat_upsampled(levels)
