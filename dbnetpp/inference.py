@@ -33,6 +33,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import skip_init
 
 from dbnetpp.allocator import keep_freed_memory
 from dbnetpp.models.dcn import ModulatedDeformConv2d
@@ -138,7 +139,8 @@ class PixelShuffleDeconvs(nn.Module):
         if w2.shape[0] != c_mid:
             raise ValueError(f"PixelShuffleDeconvs: {first} does not feed {second}")
         # expand: channel (i*2 + j)*C_mid + c of the 1x1 conv is sub-pixel (i, j) of channel c
-        self.expand = nn.Conv2d(c_in, 4 * c_mid, 1)
+        # skip_init: the weights are set below (and the global RNG is left alone)
+        self.expand = skip_init(nn.Conv2d, c_in, 4 * c_mid, 1, device=w1.device, dtype=w1.dtype)
         self.expand.weight.data = w1.permute(2, 3, 1, 0).reshape(4 * c_mid, c_in, 1, 1).clone()
         self.expand.bias.data = _bias_of(first, c_mid).repeat(4)
         # mix: out channel co*16 + ry*4 + rx, ry = 2i + a, rx = 2j + b, from group (i, j) only
@@ -148,7 +150,7 @@ class PixelShuffleDeconvs(nn.Module):
                 for a in range(2):
                     for b in range(2):
                         mix[:, 2 * i + a, 2 * j + b, i, j] = w2[:, :, a, b].t()
-        self.mix = nn.Conv2d(4 * c_mid, 16 * c_out, 1)
+        self.mix = skip_init(nn.Conv2d, 4 * c_mid, 16 * c_out, 1, device=w1.device, dtype=w1.dtype)
         self.mix.weight.data = mix.reshape(16 * c_out, 4 * c_mid, 1, 1)
         self.mix.bias.data = _bias_of(second, c_out).repeat_interleave(16)
         self.shuffle = nn.PixelShuffle(4)

@@ -192,3 +192,13 @@ def test_prepare_keeps_freed_memory_only_when_asked(r50_dcn):
     finally:
         if not was:
             allocator.restore_default()
+
+
+def test_prepare_leaves_global_rng_alone(r50_dcn):
+    """Building the inference modules must not draw from torch's RNG (training calls this for
+    every evaluation; its random stream should not depend on that)."""
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    prepare_for_inference(r50_dcn, keep_memory=False)
+    torch.testing.assert_close(torch.rand(4), expected, atol=0, rtol=0)

@@ -180,7 +180,7 @@ def test_upsampled_concat_conv_equals_conv_of_upsampled(factors, bias):
     torch.manual_seed(0)
     channels = [3, 5, 2, 4][: len(factors)]
     conv = nn.Conv2d(sum(channels), 6, 3, padding=1, bias=bias).double()
-    split = UpsampledConcatConv(conv, channels, factors)
+    split = UpsampledConcatConv.from_conv(conv, channels, factors)
     size = (16, 24)
     levels = [torch.randn(2, c, size[0] // s, size[1] // s, dtype=torch.float64) for c, s in zip(channels, factors)]
     assert split.accepts(levels)
@@ -194,10 +194,10 @@ def test_upsampled_concat_conv_equals_conv_of_upsampled(factors, bias):
 def test_upsampled_concat_conv_rejects():
     conv = nn.Conv2d(8, 4, 3, padding=1)
     with pytest.raises(ValueError, match="3x3 conv with stride 1"):
-        UpsampledConcatConv(nn.Conv2d(8, 4, 3, padding=1, stride=2), [4, 4], [1, 2])
+        UpsampledConcatConv.from_conv(nn.Conv2d(8, 4, 3, padding=1, stride=2), [4, 4], [1, 2])
     with pytest.raises(ValueError, match="must sum"):
-        UpsampledConcatConv(conv, [4, 3], [1, 2])
-    split = UpsampledConcatConv(conv, [4, 4], [1, 2])
+        UpsampledConcatConv.from_conv(conv, [4, 3], [1, 2])
+    split = UpsampledConcatConv.from_conv(conv, [4, 4], [1, 2])
     odd = [torch.randn(1, 4, 9, 9), torch.randn(1, 4, 5, 5)]  # 9 is not 2 x 5
     assert not split.accepts(odd)
     with pytest.raises(ValueError, match="do not match"):

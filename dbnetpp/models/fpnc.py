@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dbnetpp.ops.deform_conv import _is_channels_last
+
 __all__ = ["ConvModule", "ScaleChannelSpatialAttention", "FPNC", "UpsampledConcatConv", "upsample_factor"]
 
 
@@ -38,11 +40,6 @@ def _pixels(x: torch.Tensor) -> torch.Tensor:
     """(N, C, h, w) -> view (N, C, h, 1, w, 1), which broadcasts against ``_blocks``."""
     n, c, h, w = x.shape
     return x.view(n, c, h, 1, w, 1)
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if nhwc else torch.contiguous_format
 
 
 def _add_upsampled(x: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
@@ -73,7 +70,7 @@ def _concat_upsampled(levels: Sequence[torch.Tensor], weights: Optional[torch.Te
     channels = [level.shape[1] for level in levels]
     first = levels[0]
     out = torch.empty(
-        (n, sum(channels), *size), dtype=first.dtype, device=first.device, memory_format=_memory_format(first)
+        (n, sum(channels), *size), dtype=first.dtype, device=first.device, memory_format=torch.channels_last if _is_channels_last(first) else torch.contiguous_format
     )
     start = 0
     for i, (level, s) in enumerate(zip(levels, factors)):
@@ -98,17 +95,43 @@ class UpsampledConcatConv(nn.Module):
     1024x1824 input) this is 64 instead of 138 GFLOP.
 
     Args:
-        conv: the 3x3, stride 1, padding 1, dilation 1, ungrouped convolution to reproduce.
-        channels: input channels of each level, in concatenation order (sum = conv.in_channels).
+        weight: (O, sum(channels), 3, 3) weight of the convolution (stride 1, padding 1) to reproduce.
+        bias: (O,) or None.
+        channels: input channels of each level, in concatenation order.
         factors: upsampling factor of each level (1 for the first: the output size is its size).
 
     forward(levels) takes the levels (N, channels[i], H_0 / factors[i], W_0 / factors[i]) and
-    returns conv's output (N, O, H_0, W_0); ``accepts(levels)`` tells whether the sizes are the
-    exact multiples this needs (otherwise upsample, concatenate and use the conv itself).
+    returns the conv's output (N, O, H_0, W_0); ``accepts(levels)`` tells whether the sizes are
+    the exact multiples this needs (otherwise upsample, concatenate and use the conv itself).
+    ``from_conv`` builds one from an ``nn.Conv2d``.
     """
 
-    def __init__(self, conv: nn.Conv2d, channels: Sequence[int], factors: Sequence[int]) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        channels: Sequence[int],
+        factors: Sequence[int],
+    ) -> None:
         super().__init__()
+        if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+            raise ValueError(f"UpsampledConcatConv needs a 3x3 conv weight, got shape {tuple(weight.shape)}")
+        if sum(channels) != weight.shape[1] or len(channels) != len(factors) or factors[0] != 1:
+            raise ValueError(
+                f"channels {list(channels)} must sum to the conv's {weight.shape[1]} inputs and factors "
+                f"{list(factors)} must start with 1, one per level"
+            )
+        self.channels = tuple(int(c) for c in channels)
+        self.factors = tuple(int(s) for s in factors)
+        parts = torch.split(weight.detach(), self.channels, dim=1)
+        self.register_buffer("weight0", parts[0].clone(), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
+        for i, (part, s) in enumerate(zip(parts[1:], self.factors[1:]), start=1):
+            self.register_buffer(f"kernel{i}", self.transposed_kernel(part, s), persistent=False)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, channels: Sequence[int], factors: Sequence[int]) -> "UpsampledConcatConv":
+        """From a 3x3, stride 1, padding 1, dilation 1, ungrouped ``nn.Conv2d``."""
         if (
             tuple(conv.kernel_size) != (3, 3)
             or tuple(conv.stride) != (1, 1)
@@ -117,19 +140,7 @@ class UpsampledConcatConv(nn.Module):
             or conv.groups != 1
         ):
             raise ValueError(f"UpsampledConcatConv needs a 3x3 conv with stride 1, padding 1, got {conv}")
-        if sum(channels) != conv.in_channels or len(channels) != len(factors) or factors[0] != 1:
-            raise ValueError(
-                f"channels {list(channels)} must sum to the conv's {conv.in_channels} inputs and factors "
-                f"{list(factors)} must start with 1, one per level"
-            )
-        self.channels = tuple(int(c) for c in channels)
-        self.factors = tuple(int(s) for s in factors)
-        weight = conv.weight.detach()
-        parts = torch.split(weight, self.channels, dim=1)
-        self.register_buffer("weight0", parts[0].clone(), persistent=False)
-        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone(), persistent=False)
-        for i, (part, s) in enumerate(zip(parts[1:], self.factors[1:]), start=1):
-            self.register_buffer(f"kernel{i}", self.transposed_kernel(part, s), persistent=False)
+        return cls(conv.weight, conv.bias, channels, factors)
 
     @staticmethod
     def transposed_kernel(weight: torch.Tensor, s: int) -> torch.Tensor:
@@ -294,20 +305,14 @@ class FPNC(nn.Module):
             lateral_weight = lateral.conv.weight.detach().double().flatten(1)  # (L, C0)
             smooth_weight = smooth.conv.weight.detach().double()  # (O, L, 3, 3)
             folded = torch.einsum("olyx,lc->ocyx", smooth_weight, lateral_weight)
-            conv = nn.Conv2d(folded.shape[1] + self.lateral_channels, smooth_weight.shape[0], 3, padding=1,
-                             bias=smooth.conv.bias is not None)
-            conv = conv.to(device=smooth.conv.weight.device, dtype=torch.float64)
-            with torch.no_grad():
-                conv.weight.copy_(torch.cat([folded, smooth_weight], dim=1))
-                if conv.bias is not None:
-                    conv.bias.copy_(smooth.conv.bias)
-            dtype = smooth.conv.weight.dtype
-            self.first_smooth_split = UpsampledConcatConv(conv, [folded.shape[1], self.lateral_channels], [1, 2])
-            self.first_smooth_split.to(dtype)
+            weight = torch.cat([folded, smooth_weight], dim=1)  # float64 until the kernels are built
+            channels = [folded.shape[1], self.lateral_channels]
+            split = UpsampledConcatConv(weight, smooth.conv.bias, channels, [1, 2])
+            self.first_smooth_split = split.to(smooth.conv.weight.dtype)
         if self.asf:
             channels = [self.out_channels // self.num_levels] * self.num_levels
             factors = [2**i for i in range(self.num_levels)]
-            self.asf_split = UpsampledConcatConv(self.asf_conv.conv, channels, factors)
+            self.asf_split = UpsampledConcatConv.from_conv(self.asf_conv.conv, channels, factors)
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(inputs) != self.num_levels:
