@@ -25,6 +25,13 @@ class ModelConfig:
     name: str = "dbnetpp_resnet50_dcnv2"
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP
     channels_last: bool = False  # NHWC memory format (CUDA only)
+    # Initialisation at the start of training (MMOCR's backbone init_cfg and load_from), applied
+    # unless --no-pretrained: "torchvision://resnet50", an URL, a published-weights name or a path.
+    backbone_init: Optional[str] = None  # backbone weights (ImageNet, oCLIP)
+    load_from: Optional[str] = None  # whole-model weights (e.g. the SynthText-pretrained model)
+    # post-processing (MMOCR's DBPostprocessor)
+    text_repr_type: str = "quad"  # "quad" (min-area rectangle) or "poly"
+    epsilon_ratio: float = 0.002  # approxPolyDP tolerance / contour length (DBNet 0.01, DBNet++ 0.002)
 
 
 @dataclass(frozen=True)
@@ -61,10 +68,17 @@ class TrainConfig:
     weight_decay: float = 1e-4
     lr_power: float = 0.9  # poly schedule exponent
     lr_min: float = 1e-7  # poly schedule floor (eta_min)
+    # Iteration-based training (MMOCR's SynthText pretraining): this many optimiser steps, the
+    # schedule counted in iterations; ``epochs`` is then unused. None: epoch-based.
+    max_iters: Optional[int] = None
+    warmup: int = 0  # LinearLR warm-up length in schedule units (epochs; iterations if max_iters)
+    warmup_factor: float = 0.001  # LinearLR start_factor
     clip_grad: Optional[float] = None  # max global gradient L2 norm
     amp: Optional[str] = None  # None, "bf16" or "fp16"
-    eval_interval: int = 20  # epochs
+    eval_interval: int = 20  # epochs; 0: never evaluate
     save_interval: int = 20  # epochs; last.pth and best.pth are written regardless
+    save_interval_iters: Optional[int] = None  # also write iter_N.pth every N optimiser steps
+    keep_last: Optional[int] = None  # keep only the newest K epoch_N.pth / iter_N.pth (MMOCR max_keep_ckpts)
     log_interval: int = 5  # iterations
     seed: int = 0  # offset by the rank in each process
     keep_memory: bool = True  # CPU: malloc keeps freed memory (dbnetpp.allocator; ~1.5x faster steps)
@@ -102,9 +116,20 @@ class Config:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {t.optimizer!r}")
         if t.amp is not None and t.amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {AMP_DTYPES} or None, got {t.amp!r}")
-        for name in ("epochs", "batch_size", "base_batch_size", "eval_interval", "save_interval", "log_interval"):
+        for name in ("epochs", "batch_size", "base_batch_size", "save_interval", "log_interval"):
             if getattr(t, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+        for name in ("max_iters", "save_interval_iters", "keep_last"):
+            if getattr(t, name) is not None and getattr(t, name) < 1:
+                raise ValueError(f"train.{name} must be None or >= 1, got {getattr(t, name)}")
+        if t.eval_interval < 0:
+            raise ValueError(f"train.eval_interval must be >= 0 (0: never), got {t.eval_interval}")
+        if t.warmup < 0 or not 0 < t.warmup_factor <= 1:
+            raise ValueError(f"need warmup >= 0 and 0 < warmup_factor <= 1, got {t.warmup}, {t.warmup_factor}")
+        if t.warmup >= (t.max_iters or t.epochs):
+            raise ValueError(f"train.warmup ({t.warmup}) must be shorter than the schedule ({t.max_iters or t.epochs})")
+        if self.model.text_repr_type not in ("quad", "poly"):
+            raise ValueError(f"model.text_repr_type must be 'quad' or 'poly', got {self.model.text_repr_type!r}")
         if t.lr <= 0 or t.lr_min < 0:
             raise ValueError(f"need lr > 0 and lr_min >= 0, got lr={t.lr}, lr_min={t.lr_min}")
         if t.clip_grad is not None and t.clip_grad <= 0:
