@@ -12,6 +12,7 @@ from torch import nn
 
 from dbnetpp.preprocess import SIZE_DIVISOR
 
+from .clip_resnet import CLIPResNet
 from .dcn import ModulatedDeformConv2d
 from .fpnc import FPNC
 from .head import DBHead
@@ -85,23 +86,29 @@ def _dbnet(
     head_with_bias: bool = False,
     k: float = 50,
     dcn_impl: str = "auto",
+    backbone: str = "resnet",
 ) -> DBNet:
-    backbone = ResNet(
-        depth=depth,
-        dcn_stages=dcn_stages,
-        norm_eval=norm_eval,
-        frozen_stages=frozen_stages,
-        base_channels=base_channels,
-    )
-    neck = FPNC(backbone.out_channels, lateral_channels=lateral_channels, out_channels=out_channels, asf=asf)
+    if backbone not in ("resnet", "clip_resnet"):
+        raise ValueError(f"unknown backbone {backbone!r} for {name!r}; expected 'resnet' or 'clip_resnet'")
+    if backbone == "clip_resnet":
+        if any(dcn_stages):
+            raise ValueError(f"{name!r}: CLIPResNet has no deformable convolutions (dcn_stages={tuple(dcn_stages)})")
+        net: nn.Module = CLIPResNet(
+            depth=depth, norm_eval=norm_eval, frozen_stages=frozen_stages, base_channels=base_channels
+        )
+    else:
+        net = ResNet(
+            depth=depth,
+            dcn_stages=dcn_stages,
+            norm_eval=norm_eval,
+            frozen_stages=frozen_stages,
+            base_channels=base_channels,
+        )
+    neck = FPNC(net.out_channels, lateral_channels=lateral_channels, out_channels=out_channels, asf=asf)
     head = DBHead(neck.out_channels, with_bias=head_with_bias, k=k)
-    model = DBNet(backbone, neck, head, name=name)
+    model = DBNet(net, neck, head, name=name)
     set_dcn_impl(model, dcn_impl)
     return model
-
-
-def _not_implemented(name: str, **kwargs: Any) -> DBNet:
-    raise NotImplementedError(f"model {name!r} (oCLIP backbone) is not built yet")
 
 
 _DCN_234 = (False, True, True, True)
@@ -119,12 +126,15 @@ _TABLE: Dict[str, Tuple[Callable[..., DBNet], Dict[str, Any]]] = {
     # DBNet, ResNet-50, BatchNorm frozen (a3)
     "dbnet_resnet50_1200e_icdar2015": (_dbnet, dict(depth=50, norm_eval=True)),
     # DBNet, oCLIP ResNet-50 (a2)
-    "dbnet_resnet50-oclip_1200e_icdar2015": (_not_implemented, dict()),
+    "dbnet_resnet50-oclip_1200e_icdar2015": (_dbnet, dict(backbone="clip_resnet", depth=50, norm_eval=True)),
     # DBNet++, ResNet-50 + DCNv2 (a4)
     "dbnetpp_resnet50-dcnv2_fpnc_1200e_icdar2015": (_dbnet, dict(depth=50, dcn_stages=_DCN_234, asf=True)),
     "dbnetpp_resnet50-dcnv2_fpnc_100k_synthtext": (_dbnet, dict(depth=50, dcn_stages=_DCN_234, asf=True)),
     # DBNet++, oCLIP ResNet-50 (a5)
-    "dbnetpp_resnet50-oclip_fpnc_1200e_icdar2015": (_not_implemented, dict()),
+    "dbnetpp_resnet50-oclip_fpnc_1200e_icdar2015": (
+        _dbnet,
+        dict(backbone="clip_resnet", depth=50, norm_eval=True, asf=True),
+    ),
     # DBNet++, ResNet-50, BatchNorm frozen (a6)
     "dbnetpp_resnet50_fpnc_1200e_icdar2015": (_dbnet, dict(depth=50, asf=True, norm_eval=True)),
     # short names (kept from earlier releases)
