@@ -143,3 +143,39 @@ def test_overrides_and_unknown_names():
         build_model("dbnet_resnet50-dcnv2_fpnc_100k_synthtext")
     with pytest.raises(ValueError, match="unknown override"):
         build_model("dbnet_resnet18_fpnc_1200e_icdar2015", dcn=True)
+
+
+def test_same_architecture():
+    from dbnetpp.models import same_architecture
+
+    assert same_architecture("dbnetpp_resnet50_dcnv2", "dbnetpp_resnet50-dcnv2_fpnc_100k_synthtext")
+    assert same_architecture("dbnetpp_resnet50", "dbnetpp_resnet50_fpnc_1200e_icdar2015")  # norm_eval only
+    assert same_architecture("dbnet_resnet18", "dbnet_resnet18_fpnc_1200e_totaltext")
+    assert not same_architecture("dbnet_resnet50_1200e_icdar2015", "dbnet_resnet50-oclip_1200e_icdar2015")
+    assert not same_architecture("dbnet_resnet18", "dbnet_resnet18_tiny")
+    assert not same_architecture("dbnetpp_resnet50", "no_such_model")
+    # the claim behind it: equal keys and shapes wherever it says so
+    for a in MODEL_NAMES:
+        for b in MODEL_NAMES:
+            if same_architecture(a, b):
+                assert FAMILY["configs"].get(a, SHORT_NAMES.get(a)) == FAMILY["configs"].get(b, SHORT_NAMES.get(b))
+
+
+def test_detector_accepts_an_alias_of_the_checkpoints_model(tmp_path):
+    from dbnetpp.detector import load_model
+
+    src = build_model("dbnet_resnet18")
+    path = tmp_path / "r18.pth"
+    torch.save({"model": src.state_dict(), "model_name": "dbnet_resnet18"}, path)
+    with pytest.warns(UserWarning, match="dbnet_resnet18"):
+        net = load_model(path, model="dbnet_resnet18_fpnc_1200e_icdar2015")
+    assert net.name == "dbnet_resnet18_fpnc_1200e_icdar2015" and not net.training
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), net.state_dict().values()))
+    with pytest.raises(ValueError, match="holds a 'dbnet_resnet18' model"):
+        load_model(path, model="dbnet_resnet50_1200e_icdar2015")
+    # MMOCR-format checkpoints carry no name: the name given picks the architecture
+    clip = build_model("dbnetpp_resnet50-oclip_fpnc_1200e_icdar2015")
+    mmocr = tmp_path / "oclip.pth"
+    torch.save({"meta": {}, "state_dict": clip.state_dict()}, mmocr)
+    net = load_model(mmocr, model="dbnetpp_resnet50-oclip_fpnc_1200e_icdar2015")
+    assert isinstance(net.backbone, CLIPResNet)

@@ -306,7 +306,8 @@ def test_oclip_backbone_errors(oclip_sd):
     with pytest.raises(ValueError, match=r"missing keys \(1\): layer3\.2\.bn1\.running_var"):
         load_oclip_backbone(model, missing)
     bad = dict(oclip_sd, **{"layer1.0.conv1.weight": torch.zeros(64, 64, 3, 3)})
-    with pytest.raises(ValueError, match=r"layer1\.0\.conv1\.weight: checkpoint \(64, 64, 3, 3\) vs model \(64, 64, 1, 1\)"):
+    shapes = r"layer1\.0\.conv1\.weight: checkpoint \(64, 64, 3, 3\) vs model \(64, 64, 1, 1\)"
+    with pytest.raises(ValueError, match=shapes):
         load_oclip_backbone(model, bad)
     with pytest.raises(ValueError, match=r"unexpected keys \(1\): fc\.weight"):
         load_oclip_backbone(model, dict(oclip_sd, **{"fc.weight": torch.zeros(2)}))
