@@ -230,3 +230,18 @@ def test_every_architecture_same_output(name):
     assert ((ref > 0.01) & (ref < 0.99)).float().mean() > 0.2  # not a saturated map: the comparison means something
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
     assert_unchanged(model, before)
+
+
+def test_clip_resnet_folding_exact_in_float64():
+    """CLIPResNet's stem Sequential, its pooled shortcuts and its blocks fold exactly (float64)."""
+    torch.manual_seed(0)
+    model = randomise(build_model("dbnetpp_resnet50-oclip_fpnc_1200e_icdar2015"), seed=7).eval().double()
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        ref = model(x)
+        fast = prepare_for_inference(model, channels_last=False, keep_memory=False)
+        out = fast(x)
+    assert isinstance(fast.backbone.stem[1], nn.Identity)
+    assert isinstance(fast.backbone.layer2[0].downsample[2], nn.Identity)
+    assert fast.backbone.layer2[0].downsample[1].bias is not None  # the BN went into the conv
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
