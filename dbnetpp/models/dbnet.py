@@ -91,6 +91,8 @@ def _dbnet(
     dcn_impl: str = "auto",
     backbone: str = "resnet",
 ) -> DBNet:
+    """Backbone (``"resnet"``: ResNet, optionally with DCNv2; ``"clip_resnet"``: CLIPResNet) ->
+    FPNC (``asf``: DBNet++) -> DB head; keyword values are the rows of ``_TABLE``."""
     if backbone not in ("resnet", "clip_resnet"):
         raise ValueError(f"unknown backbone {backbone!r} for {name!r}; expected 'resnet' or 'clip_resnet'")
     if backbone == "clip_resnet":
