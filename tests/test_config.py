@@ -112,3 +112,10 @@ def test_fields_documented_defaults_unchanged():
     assert (t.lr, t.scale_lr, t.eval_interval, t.save_interval) == (0.007, True, 20, 20)
     assert Config().model.name == "dbnetpp_resnet50_dcnv2"
     assert dataclasses.replace(Config()).validate() == Config()
+
+
+def test_every_preset_names_a_buildable_model():
+    from dbnetpp.models.dbnet import MODEL_NAMES
+
+    for name, cfg in PRESETS.items():
+        assert cfg.model.name in MODEL_NAMES, name
