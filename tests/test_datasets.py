@@ -143,3 +143,19 @@ def test_build_sources_follows_the_recipe(tmp_path):
     cfg = get_config("dbnet_resnet18_fpnc_100k_synthtext", data={"root": str(tmp_path)})
     train, test = script.build_sources(cfg, info, train=True)
     assert isinstance(train, FixedPolygons) and isinstance(train.source, TextDetJSON) and list(test) == []
+
+
+def test_pipeline_option_equals_source_option_and_is_idempotent(tmp_path):
+    from dbnetpp.data import TestDataset
+
+    write_prepared(tmp_path, "train", [[inst(BOWTIE), inst([0, 0, 30, 0, 15, 20]), inst(CURVE)]], size=(64, 64))
+    raw = open_dataset(tmp_path, "train", "totaltext")
+    fixed = open_dataset(tmp_path, "train", "totaltext", fix_polygons=4)
+    a = TrainDataset(raw, size=64, fix_polygons=4)[0]
+    b = TrainDataset(fixed, size=64)[0]
+    c = TrainDataset(fixed, size=64, fix_polygons=4)[0]  # fixing fixed polygons changes nothing
+    for key in a:
+        assert np.array_equal(a[key], b[key]) and np.array_equal(b[key], c[key]), key
+    t = TestDataset(raw, scale=(64, 64), fix_polygons=4)[0]
+    assert all(np.array_equal(p, q) for p, q in zip(t["polygons"], fixed[0]["polygons"]))
+    assert len(t["polygons"]) == 3
