@@ -268,7 +268,9 @@ RECIPES: Dict[str, Config] = {
         _recipe("dbnet_resnet50-dcnv2_fpnc_1200e_icdar2015", TORCHVISION_RESNET50, load_from=DBNET_R50DCN_SYNTHTEXT),
         _recipe("dbnet_resnet50-oclip_1200e_icdar2015", OCLIP_RESNET50, lr=0.002, warmup_epochs=100),
         _recipe("dbnetpp_resnet50_fpnc_1200e_icdar2015", TORCHVISION_RESNET50, lr=0.003, warmup_epochs=200),
-        _recipe("dbnetpp_resnet50-dcnv2_fpnc_1200e_icdar2015", TORCHVISION_RESNET50, load_from=DBNETPP_R50DCN_SYNTHTEXT),
+        _recipe(
+            "dbnetpp_resnet50-dcnv2_fpnc_1200e_icdar2015", TORCHVISION_RESNET50, load_from=DBNETPP_R50DCN_SYNTHTEXT
+        ),
         _recipe("dbnetpp_resnet50-oclip_fpnc_1200e_icdar2015", OCLIP_RESNET50, lr=0.002, warmup_epochs=200),
         _recipe("dbnetpp_resnet50-dcnv2_fpnc_100k_synthtext", TORCHVISION_RESNET50, **_SYNTHTEXT),
     )

@@ -63,8 +63,8 @@ def test_totaltext_test_split_and_missing_json(tmp_path):
     [
         ({"instances": []}, r"textdet_train\.json: data_list\[1\]: missing key 'img_path'"),
         ({"img_path": "a.png", "instances": [{"text": "x"}]}, r"data_list\[1\]\.instances\[0\]: missing key 'polygon'"),
-        ({"img_path": "a.png", "instances": [inst([1, 2, 3, 4, 5])]}, r"data_list\[1\]\.instances\[0\]\.polygon: expected an even"),
-        ({"img_path": "a.png", "instances": [inst([1, 2, "x", 4, 5, 6])]}, r"data_list\[1\]\.instances\[0\]\.polygon: not a list"),
+        ({"img_path": "a.png", "instances": [inst([1, 2, 3, 4, 5])]}, r"instances\[0\]\.polygon: expected an even"),
+        ({"img_path": "a.png", "instances": [inst([1, 2, "x", 4, 5, 6])]}, r"instances\[0\]\.polygon: not a list"),
         ({"img_path": "a.png", "instances": {"polygon": []}}, r"data_list\[1\]\.instances: expected a list"),
     ],
 )

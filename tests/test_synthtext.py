@@ -74,7 +74,8 @@ def test_open_dataset_reads_the_release_and_has_no_test_split(tmp_path):
 
 
 def test_word_count_mismatch_names_file_and_entry(tmp_path):
-    make_release(tmp_path, [quad(1, 1, 4, 4), np.stack([quad(1, 1, 4, 4)] * 2, axis=2)], [np.array(["a"]), np.array(["x"])])
+    two = np.stack([quad(1, 1, 4, 4)] * 2, axis=2)
+    make_release(tmp_path, [quad(1, 1, 4, 4), two], [np.array(["a"]), np.array(["x"])])
     dataset = SynthText(tmp_path)
     dataset[0]  # a good entry is unaffected
     with pytest.raises(ValueError, match=r"gt\.mat: entry 1 \(img_1\.jpg\): 1 words in txt but 2 boxes"):
@@ -85,7 +86,8 @@ def test_bad_box_shape_and_missing_key(tmp_path):
     make_release(tmp_path, [np.zeros((3, 4, 1))], [np.array(["a"])])
     with pytest.raises(ValueError, match=r"entry 0 .*2x4xK"):
         SynthText(tmp_path).load_annotations(0)
-    sio.savemat(str(tmp_path / "gt.mat"), {"imnames": cells([np.array(["1/img_0.jpg"])]), "txt": cells([np.array(["a"])])})
+    no_boxes = {"imnames": cells([np.array(["1/img_0.jpg"])]), "txt": cells([np.array(["a"])])}
+    sio.savemat(str(tmp_path / "gt.mat"), no_boxes)
     with pytest.raises(ValueError, match=r"gt\.mat: no 'wordBB'"):
         SynthText(tmp_path)
 

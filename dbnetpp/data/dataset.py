@@ -108,7 +108,8 @@ class TrainDataset(Dataset):
         return item
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({_describe(self.source)}, size={self.size}, seed={self.seed}, fused={self.fused})"
+        name, source = type(self).__name__, _describe(self.source)
+        return f"{name}({source}, size={self.size}, seed={self.seed}, fused={self.fused})"
 
 
 class TestDataset(Dataset):

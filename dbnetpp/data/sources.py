@@ -51,7 +51,9 @@ def open_dataset(root: PathLike, split: str = "train", kind: str = "icdar2015", 
         source = TextDetJSON(root, split, require_images=False)
     elif os.path.isfile(os.path.join(root, GT_FILE)):
         if split != "train":
-            raise FileNotFoundError(f"SynthText has no {split} split (found {GT_FILE} under {root}, no {JSON_FILES[split]})")
+            raise FileNotFoundError(
+                f"SynthText has no {split} split (found {GT_FILE} under {root}, no {JSON_FILES[split]})"
+            )
         source = SynthText(root)
     else:
         raise FileNotFoundError(f"no SynthText {split} split under {root}: looked for {JSON_FILES[split]} or {GT_FILE}")

@@ -53,7 +53,8 @@ def load_gt_mat(path: PathLike) -> Dict[str, np.ndarray]:
     out = {}
     for key in ("imnames", "wordBB", "txt"):
         if key not in mat:
-            raise ValueError(f"{path}: no {key!r} cell array (keys: {sorted(k for k in mat if not k.startswith('__'))})")
+            found = sorted(k for k in mat if not k.startswith("__"))
+            raise ValueError(f"{path}: no {key!r} cell array (keys: {found})")
         out[key] = np.asarray(mat[key], dtype=object).reshape(-1)
     lengths = {key: len(value) for key, value in out.items()}
     if len(set(lengths.values())) != 1:
