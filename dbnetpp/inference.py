@@ -36,6 +36,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import skip_init
 
 from dbnetpp.allocator import keep_freed_memory
+from dbnetpp.models.clip_resnet import CLIPBottleneck
 from dbnetpp.models.dcn import ModulatedDeformConv2d
 from dbnetpp.models.fpnc import FPNC
 from dbnetpp.models.resnet import BasicBlock, Bottleneck, ResNet
@@ -88,9 +89,9 @@ def _fold(conv: ConvLike, bn: _BatchNorm) -> None:
 def fold_batchnorm(model: nn.Module) -> int:
     """Fold every BatchNorm that directly follows a convolution into it, in place.
 
-    Pairs: consecutive (conv, BN) entries of any ``nn.Sequential``, and ``convK`` / ``bnK``
-    attribute pairs of the ResNet stem and blocks (whose forward applies ``bnK`` to the
-    output of ``convK``). Folded BNs become ``nn.Identity``. Valid for eval mode only.
+    Pairs: consecutive (conv, BN) entries of any ``nn.Sequential`` (the CLIPResNet stem and
+    ``downsample`` included), and ``convK`` / ``bnK`` attribute pairs of the ResNet stem and the
+    ResNet / CLIPResNet blocks (whose forward applies ``bnK`` to the output of ``convK``). Folded BNs become ``nn.Identity``. Valid for eval mode only.
     Returns the number of BNs folded.
     """
     count = 0
@@ -103,7 +104,7 @@ def fold_batchnorm(model: nn.Module) -> int:
                     _fold(conv, bn)
                     parent._modules[second] = nn.Identity()
                     count += 1
-        elif isinstance(parent, (ResNet, BasicBlock, Bottleneck)):
+        elif isinstance(parent, (ResNet, BasicBlock, Bottleneck, CLIPBottleneck)):
             for name, bn in list(parent.named_children()):
                 if not name.startswith("bn") or not _is_foldable_bn(bn):
                     continue

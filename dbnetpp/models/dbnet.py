@@ -5,13 +5,14 @@
 ``dbnetpp.weights.load_mmocr_checkpoint`` loads MMOCR checkpoints without renaming.
 """
 
-from typing import Any, Callable, Dict, Sequence, Union
+from typing import Any, Callable, Dict, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from dbnetpp.preprocess import SIZE_DIVISOR
 
+from .clip_resnet import CLIPResNet
 from .dcn import ModulatedDeformConv2d
 from .fpnc import FPNC
 from .head import DBHead
@@ -85,59 +86,87 @@ def _dbnet(
     head_with_bias: bool = False,
     k: float = 50,
     dcn_impl: str = "auto",
+    backbone: str = "resnet",
 ) -> DBNet:
-    backbone = ResNet(
-        depth=depth,
-        dcn_stages=dcn_stages,
-        norm_eval=norm_eval,
-        frozen_stages=frozen_stages,
-        base_channels=base_channels,
-    )
-    neck = FPNC(backbone.out_channels, lateral_channels=lateral_channels, out_channels=out_channels, asf=asf)
+    if backbone not in ("resnet", "clip_resnet"):
+        raise ValueError(f"unknown backbone {backbone!r} for {name!r}; expected 'resnet' or 'clip_resnet'")
+    if backbone == "clip_resnet":
+        if any(dcn_stages):
+            raise ValueError(f"{name!r}: CLIPResNet has no deformable convolutions (dcn_stages={tuple(dcn_stages)})")
+        net: nn.Module = CLIPResNet(
+            depth=depth, norm_eval=norm_eval, frozen_stages=frozen_stages, base_channels=base_channels
+        )
+    else:
+        net = ResNet(
+            depth=depth,
+            dcn_stages=dcn_stages,
+            norm_eval=norm_eval,
+            frozen_stages=frozen_stages,
+            base_channels=base_channels,
+        )
+    neck = FPNC(net.out_channels, lateral_channels=lateral_channels, out_channels=out_channels, asf=asf)
     head = DBHead(neck.out_channels, with_bias=head_with_bias, k=k)
-    model = DBNet(backbone, neck, head, name=name)
+    model = DBNet(net, neck, head, name=name)
     set_dcn_impl(model, dcn_impl)
     return model
 
 
-def dbnetpp_resnet50_dcnv2(**kwargs: Any) -> DBNet:
-    """MMOCR's DBNet++: ResNet-50 with DCNv2 in stages 2-4, FPNC (256 -> 4x64) with ASF, DB head.
+_DCN_234 = (False, True, True, True)
 
-    Keyword arguments override the recipe (see ``build_model``).
-    """
-    cfg = dict(depth=50, dcn_stages=(False, True, True, True), asf=True)
-    return _dbnet("dbnetpp_resnet50_dcnv2", **{**cfg, **kwargs})
+# One row per accepted name: (builder, keyword values). MMOCR v1.0.1 config names first, then
+# this library's short names. The values are those of MMOCR's configs (``configs/textdet/dbnet``,
+# ``configs/textdet/dbnetpp`` and their ``_base_`` model files); see ``MODEL_TABLE`` below.
+_TABLE: Dict[str, Tuple[Callable[..., DBNet], Dict[str, Any]]] = {
+    # DBNet, ResNet-18 (MMOCR architecture a0)
+    "dbnet_resnet18_fpnc_1200e_icdar2015": (_dbnet, dict(depth=18)),
+    "dbnet_resnet18_fpnc_1200e_totaltext": (_dbnet, dict(depth=18)),
+    "dbnet_resnet18_fpnc_100k_synthtext": (_dbnet, dict(depth=18)),
+    # DBNet, ResNet-50 + DCNv2 in stages 2-4 (a1)
+    "dbnet_resnet50-dcnv2_fpnc_1200e_icdar2015": (_dbnet, dict(depth=50, dcn_stages=_DCN_234)),
+    # DBNet, ResNet-50, BatchNorm frozen (a3)
+    "dbnet_resnet50_1200e_icdar2015": (_dbnet, dict(depth=50, norm_eval=True)),
+    # DBNet, oCLIP ResNet-50 (a2)
+    "dbnet_resnet50-oclip_1200e_icdar2015": (_dbnet, dict(backbone="clip_resnet", depth=50, norm_eval=True)),
+    # DBNet++, ResNet-50 + DCNv2 (a4)
+    "dbnetpp_resnet50-dcnv2_fpnc_1200e_icdar2015": (_dbnet, dict(depth=50, dcn_stages=_DCN_234, asf=True)),
+    "dbnetpp_resnet50-dcnv2_fpnc_100k_synthtext": (_dbnet, dict(depth=50, dcn_stages=_DCN_234, asf=True)),
+    # DBNet++, oCLIP ResNet-50 (a5)
+    "dbnetpp_resnet50-oclip_fpnc_1200e_icdar2015": (
+        _dbnet,
+        dict(backbone="clip_resnet", depth=50, norm_eval=True, asf=True),
+    ),
+    # DBNet++, ResNet-50, BatchNorm frozen (a6)
+    "dbnetpp_resnet50_fpnc_1200e_icdar2015": (_dbnet, dict(depth=50, asf=True, norm_eval=True)),
+    # short names (kept from earlier releases)
+    "dbnetpp_resnet50_dcnv2": (_dbnet, dict(depth=50, dcn_stages=_DCN_234, asf=True)),
+    "dbnetpp_resnet50": (_dbnet, dict(depth=50, asf=True)),
+    "dbnet_resnet18": (_dbnet, dict(depth=18)),
+    # Half-width ResNet-18 (base 32), FPNC lateral 64 -> 4x16: learns on a 2-core CPU in minutes.
+    "dbnet_resnet18_tiny": (_dbnet, dict(depth=18, base_channels=32, lateral_channels=64, out_channels=16)),
+}
+
+MODEL_NAMES: Tuple[str, ...] = tuple(_TABLE)
+
+
+def dbnetpp_resnet50_dcnv2(**kwargs: Any) -> DBNet:
+    """MMOCR's DBNet++ (ResNet-50 + DCNv2 in stages 2-4, FPNC with ASF); same as ``build_model``."""
+    return build_model("dbnetpp_resnet50_dcnv2", **kwargs)
 
 
 def dbnetpp_resnet50(**kwargs: Any) -> DBNet:
-    """DBNet++ without deformable convolutions: ResNet-50, FPNC with ASF, DB head."""
-    cfg = dict(depth=50, asf=True)
-    return _dbnet("dbnetpp_resnet50", **{**cfg, **kwargs})
+    """DBNet++ without deformable convolutions (ResNet-50, FPNC with ASF)."""
+    return build_model("dbnetpp_resnet50", **kwargs)
 
 
 def dbnet_resnet18(**kwargs: Any) -> DBNet:
-    """MMOCR's ``dbnet_resnet18_fpnc``: ResNet-18, FPNC (lateral 256, 4x64) without ASF, DB head."""
-    cfg = dict(depth=18, asf=False)
-    return _dbnet("dbnet_resnet18", **{**cfg, **kwargs})
+    """MMOCR's ``dbnet_resnet18_fpnc`` architecture (ResNet-18, FPNC without ASF)."""
+    return build_model("dbnet_resnet18", **kwargs)
 
 
 def dbnet_resnet18_tiny(**kwargs: Any) -> DBNet:
-    """Half-width ResNet-18 (base 32), FPNC lateral 64 -> 4x16 without ASF, DB head on 64 channels.
+    """Half-width ResNet-18 (base 32), FPNC lateral 64 -> 4x16 without ASF: a CPU-sized model."""
+    return build_model("dbnet_resnet18_tiny", **kwargs)
 
-    A small model that learns on a 2-core CPU in minutes.
-    """
-    cfg = dict(depth=18, base_channels=32, lateral_channels=64, out_channels=16, asf=False)
-    return _dbnet("dbnet_resnet18_tiny", **{**cfg, **kwargs})
-
-
-_BUILDERS: Dict[str, Callable[..., DBNet]] = {
-    "dbnetpp_resnet50_dcnv2": dbnetpp_resnet50_dcnv2,
-    "dbnetpp_resnet50": dbnetpp_resnet50,
-    "dbnet_resnet18": dbnet_resnet18,
-    "dbnet_resnet18_tiny": dbnet_resnet18_tiny,
-}
-
-MODEL_NAMES = tuple(_BUILDERS)
 
 _OVERRIDES = (
     "depth",
@@ -161,12 +190,13 @@ def build_model(name: str, **overrides: Any) -> DBNet:
     frozen_stages, lateral_channels, out_channels, asf, head_with_bias, k, dcn_impl.
     Weights are loaded separately (``dbnetpp.weights``); nothing is downloaded.
     """
-    if name not in _BUILDERS:
+    if name not in _TABLE:
         raise ValueError(f"unknown model name {name!r}; valid names: {', '.join(MODEL_NAMES)}")
     unknown = sorted(set(overrides) - set(_OVERRIDES))
     if unknown:
         raise ValueError(f"unknown override(s) {unknown} for {name!r}; valid: {', '.join(_OVERRIDES)}")
-    return _BUILDERS[name](**overrides)
+    builder, values = _TABLE[name]
+    return builder(name, **{**values, **overrides})
 
 
 def set_dcn_impl(model: nn.Module, impl: str) -> int:
