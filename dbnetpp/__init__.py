@@ -16,6 +16,7 @@ _EXPORTS = {
     "DBNet": "dbnetpp.models.dbnet",
     "load_mmocr_checkpoint": "dbnetpp.weights",
     "load_torchvision_backbone": "dbnetpp.weights",
+    "load_oclip_backbone": "dbnetpp.weights",
     "normalize_image": "dbnetpp.preprocess",
     "batch_images": "dbnetpp.preprocess",
     "prepare_for_inference": "dbnetpp.inference",

@@ -99,7 +99,7 @@ def load_model(weights: Union[PathLike, Mapping], model: Optional[str] = None) -
 
 def _load_model(weights: Union[PathLike, Mapping], model: Optional[str]) -> Tuple[nn.Module, Mapping]:
     from dbnetpp.checkpoint import detect_format, load_model_weights
-    from dbnetpp.models.dbnet import build_model
+    from dbnetpp.models.dbnet import build_model, same_architecture
     from dbnetpp.weights import load_state_dict_file
 
     if isinstance(weights, Mapping):
@@ -114,7 +114,7 @@ def _load_model(weights: Union[PathLike, Mapping], model: Optional[str]) -> Tupl
     if fmt == "torchvision":
         raise ValueError(f"{where} holds ImageNet ResNet weights (a backbone only), not a trained detector")
     stored = checkpoint.get("model_name") if fmt == "dbnetpp" else None
-    if stored is not None and model is not None and model != stored:
+    if stored is not None and model is not None and model != stored and not same_architecture(model, stored):
         raise ValueError(f"{where} holds a {stored!r} model, but model {model!r} was asked for")
     name = model or stored or DEFAULT_MODEL
     net = build_model(name)

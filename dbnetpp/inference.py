@@ -91,8 +91,8 @@ def fold_batchnorm(model: nn.Module) -> int:
 
     Pairs: consecutive (conv, BN) entries of any ``nn.Sequential`` (the CLIPResNet stem and
     ``downsample`` included), and ``convK`` / ``bnK`` attribute pairs of the ResNet stem and the
-    ResNet / CLIPResNet blocks (whose forward applies ``bnK`` to the output of ``convK``). Folded BNs become ``nn.Identity``. Valid for eval mode only.
-    Returns the number of BNs folded.
+    ResNet / CLIPResNet blocks (whose forward applies ``bnK`` to the output of ``convK``).
+    Folded BNs become ``nn.Identity``. Valid for eval mode only. Returns the number of BNs folded.
     """
     count = 0
     for parent in list(model.modules()):

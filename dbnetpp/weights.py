@@ -1,4 +1,4 @@
-"""Strict loading of MMOCR checkpoints and torchvision ResNet weights.
+"""Strict loading of MMOCR checkpoints, torchvision ResNet weights and oCLIP backbone weights.
 
 Our module names are MMOCR's (``backbone.``, ``neck.``, ``det_head.``; torchvision names inside
 the backbone; a DCN's ``conv2.weight`` / ``conv2.conv_offset.*`` as in mmcv), so neither format
@@ -9,12 +9,13 @@ matches, and raises a ValueError listing the offending keys otherwise. Files are
 
 import os
 import pickle
+import re
 from typing import Any, Dict, List, Mapping, Union
 
 import torch
 from torch import nn
 
-__all__ = ["load_state_dict_file", "load_mmocr_checkpoint", "load_torchvision_backbone"]
+__all__ = ["load_state_dict_file", "load_mmocr_checkpoint", "load_oclip_backbone", "load_torchvision_backbone"]
 
 PathOrStateDict = Union[str, "os.PathLike[str]", Mapping[str, Any]]
 
@@ -154,3 +155,85 @@ def load_torchvision_backbone(model: nn.Module, path_or_state_dict: PathOrStateD
     assert not result.unexpected_keys, result.unexpected_keys
     kept = [k for k in own if k not in sd]
     return {"loaded": list(sd), "ignored": ignored, "kept": kept}
+
+
+# CLIP's ModifiedResNet stem names -> MMOCR CLIPResNet's ``stem`` Sequential indices
+_CLIP_STEM = {"conv1": "0", "bn1": "1", "conv2": "3", "bn2": "4", "conv3": "6", "bn3": "7"}
+# oCLIP's published tools/convert2mmocr.py numbers the stem 0..5 (ReLUs not counted)
+_CONTIGUOUS_STEM = {"0": "0", "1": "1", "2": "3", "3": "4", "4": "6", "5": "7"}
+_PREFIXES = ("module.visual.", "visual.", "module.", "backbone.")
+
+
+def _oclip_to_mmocr_names(sd: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
+    """Rename an oCLIP / CLIP ResNet-50 visual state dict to MMOCR CLIPResNet names.
+
+    Returns ``{"state_dict", "ignored", "layout"}``; layout is "mmocr", "contiguous_stem" or "clip".
+    """
+    ignored: List[str] = []
+    plain: Dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        name = key
+        for prefix in _PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix) :]
+                break
+        if name.startswith("attnpool."):  # CLIP's attention pooling head: not part of the backbone
+            ignored.append(key)
+            continue
+        if name in plain:
+            raise ValueError(f"oCLIP weights: {key!r} duplicates another key after removing its prefix")
+        plain[name] = value
+    if any(k.split(".")[0] in _CLIP_STEM for k in plain):
+        layout = "clip"  # conv1/bn1/.../bn3 stem, downsample = [(-1) pool, 0 conv, 1 BN]
+        renamed = {}
+        for name, value in plain.items():
+            head, _, rest = name.partition(".")
+            if head in _CLIP_STEM:
+                name = f"stem.{_CLIP_STEM[head]}.{rest}"
+            name = re.sub(r"\.downsample\.([01])\.", lambda m: f".downsample.{int(m.group(1)) + 1}.", name)
+            renamed[name] = value
+    elif "stem.2.weight" in plain or "stem.5.weight" in plain:
+        layout = "contiguous_stem"  # stem.2 is a ReLU in MMOCR: these files count only conv/BN layers
+        renamed = {}
+        for name, value in plain.items():
+            m = re.match(r"stem\.(\d+)\.(.*)$", name)
+            if m:
+                if m.group(1) not in _CONTIGUOUS_STEM:
+                    raise ValueError(f"oCLIP weights: unexpected stem key {name!r}")
+                name = f"stem.{_CONTIGUOUS_STEM[m.group(1)]}.{m.group(2)}"
+            renamed[name] = value
+    else:
+        layout = "mmocr"
+        renamed = plain
+    return {"state_dict": renamed, "ignored": ignored, "layout": layout}
+
+
+def load_oclip_backbone(model: nn.Module, path_or_state_dict: PathOrStateDict) -> Dict[str, Any]:
+    """Load oCLIP ResNet-50 backbone weights (MMOCR's ``resnet50-oclip-7ba0c533.pth``) into a CLIPResNet.
+
+    ``model`` is a DBNet with a ``CLIPResNet`` backbone (e.g. ``build_model(
+    "dbnetpp_resnet50-oclip_fpnc_1200e_icdar2015")``) or a ``CLIPResNet``. Accepted: a plain
+    backbone state dict, optionally wrapped in ``{"state_dict": ...}`` and/or with a ``backbone.``
+    (or ``module.visual.`` / ``visual.`` / ``module.``) prefix, in MMOCR's names (``stem.0/1/3/4/6/7``,
+    ``downsample.1/2``), in the names of oCLIP's ``tools/convert2mmocr.py`` (stem numbered 0..5)
+    or in CLIP's own names (``conv1``..``bn3``, ``downsample.0/1``); CLIP's ``attnpool.*`` is
+    ignored. Everything else is strict (``num_batches_tracked`` may be absent): a ValueError
+    lists missing, unexpected and mis-shaped keys and the model is left untouched.
+    Returns ``{"loaded", "ignored"}`` key lists (backbone names) and ``"layout"``.
+    """
+    from dbnetpp.models.clip_resnet import CLIPResNet
+
+    backbone = getattr(model, "backbone", model)
+    if not isinstance(backbone, CLIPResNet):
+        raise ValueError(
+            f"oCLIP weights need a CLIPResNet backbone, got {type(backbone).__name__} "
+            "(build e.g. 'dbnetpp_resnet50-oclip_fpnc_1200e_icdar2015')"
+        )
+    converted = _oclip_to_mmocr_names(_as_state_dict(path_or_state_dict))
+    sd = converted["state_dict"]
+    expected = backbone.state_dict()
+    optional = {k for k in expected if k.endswith("num_batches_tracked")}
+    _check_keys(expected, sd, f"oCLIP backbone weights ({converted['layout']} names) into CLIPResNet", optional)
+    result = backbone.load_state_dict(sd, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    return {"loaded": list(sd), "ignored": converted["ignored"], "layout": converted["layout"]}

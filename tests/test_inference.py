@@ -202,3 +202,31 @@ def test_prepare_leaves_global_rng_alone(r50_dcn):
     torch.manual_seed(123)
     prepare_for_inference(r50_dcn, keep_memory=False)
     torch.testing.assert_close(torch.rand(4), expected, atol=0, rtol=0)
+
+
+# one config name per MMOCR architecture (tests/data/mmocr_dbnet_family_keys.json)
+ARCHITECTURES = [
+    "dbnet_resnet18_fpnc_1200e_icdar2015",
+    "dbnet_resnet50-dcnv2_fpnc_1200e_icdar2015",
+    "dbnet_resnet50-oclip_1200e_icdar2015",
+    "dbnet_resnet50_1200e_icdar2015",
+    "dbnetpp_resnet50-dcnv2_fpnc_1200e_icdar2015",
+    "dbnetpp_resnet50-oclip_fpnc_1200e_icdar2015",
+    "dbnetpp_resnet50_fpnc_1200e_icdar2015",
+]
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_every_architecture_same_output(name):
+    torch.manual_seed(0)
+    model = randomise(build_model(name), seed=5).eval()
+    before = snapshot(model)
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = model(x)
+        fast = prepare_for_inference(model, keep_memory=False)
+        out = fast(x)
+    assert not any(isinstance(m, _BatchNorm) for m in fast.modules())
+    assert ((ref > 0.01) & (ref < 0.99)).float().mean() > 0.2  # not a saturated map: the comparison means something
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    assert_unchanged(model, before)

@@ -6,7 +6,7 @@ import torch
 import torchvision
 
 from dbnetpp.models import ModulatedDeformConv2d, build_model
-from dbnetpp.weights import load_mmocr_checkpoint, load_torchvision_backbone
+from dbnetpp.weights import load_mmocr_checkpoint, load_oclip_backbone, load_torchvision_backbone
 
 MMOCR_PARAMS = 26_904_875  # MMOCR v1.0.1 DBNet++ R50-DCNv2: sum of parameter numels
 MMOCR_PARAM_TENSORS = 218
@@ -191,3 +191,129 @@ def test_unreadable_file_is_named(tmp_path):
     path.write_bytes(b"not a checkpoint at all")
     with pytest.raises(ValueError, match="garbage.pth"):
         load_mmocr_checkpoint(build_model("dbnet_resnet18_tiny"), path)
+
+
+@pytest.mark.parametrize(
+    "name,tv_arch",
+    [
+        ("dbnet_resnet18_fpnc_1200e_icdar2015", "resnet18"),
+        ("dbnet_resnet50_1200e_icdar2015", "resnet50"),
+        ("dbnet_resnet50-dcnv2_fpnc_1200e_icdar2015", "resnet50"),
+    ],
+)
+def test_torchvision_backbone_gives_torchvisions_features(name, tv_arch):
+    """After loading, the backbone's four stage outputs are torchvision's own layer1..layer4 outputs
+    (a DCN with zero offsets is its plain conv times the mask 0.5: checked on the DCN-free models)."""
+    torch.manual_seed(0)
+    tv = getattr(torchvision.models, tv_arch)().eval()  # random init, no download
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in tv.modules():  # non-trivial BN statistics
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=gen))
+    model = build_model(name).eval()
+    report = load_torchvision_backbone(model, tv.state_dict())
+    assert set(report["ignored"]) == {"fc.weight", "fc.bias"}
+    if "dcnv2" in name:
+        assert report["kept"] and all(".conv_offset." in k for k in report["kept"])
+        return
+    assert report["kept"] == []
+    x = torch.randn(1, 3, 64, 96, generator=gen)
+    with torch.no_grad():
+        ours = model.backbone(x)
+        y = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
+        for i, out in enumerate(ours, start=1):
+            y = getattr(tv, f"layer{i}")(y)
+            torch.testing.assert_close(out, y, atol=1e-5, rtol=1e-5)
+
+
+def clip_names(sd):
+    """MMOCR CLIPResNet names -> CLIP ModifiedResNet names (conv1..bn3 stem, downsample.0/1)."""
+    stem = {"0": "conv1", "1": "bn1", "3": "conv2", "4": "bn2", "6": "conv3", "7": "bn3"}
+    out = {}
+    for k, v in sd.items():
+        parts = k.split(".")
+        if parts[0] == "stem":
+            parts = [stem[parts[1]]] + parts[2:]
+        if "downsample" in parts:
+            i = parts.index("downsample") + 1
+            parts[i] = str(int(parts[i]) - 1)
+        out[".".join(parts)] = v
+    return out
+
+
+@pytest.fixture(scope="module")
+def oclip_sd():
+    """A random backbone state dict with MMOCR CLIPResNet names (what resnet50-oclip-7ba0c533.pth holds)."""
+    torch.manual_seed(0)
+    keys = build_model("dbnet_resnet50-oclip_1200e_icdar2015").backbone.state_dict()
+    return random_state_dict([(k, tuple(v.shape)) for k, v in keys.items()], seed=3)
+
+
+def assert_backbone_equals(model, sd):
+    state = model.backbone.state_dict()
+    assert state.keys() == sd.keys()
+    assert all(torch.equal(state[k], v) for k, v in sd.items())
+
+
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "backbone_prefix", "both", "file"])
+def test_oclip_backbone_loads_mmocr_layout(oclip_sd, wrap, tmp_path):
+    model = build_model("dbnetpp_resnet50-oclip_fpnc_1200e_icdar2015")
+    neck_before = {k: v.clone() for k, v in model.neck.state_dict().items()}
+    prefixed = {"backbone." + k: v for k, v in oclip_sd.items()}
+    given = {
+        "plain": oclip_sd,
+        "state_dict": {"state_dict": oclip_sd, "meta": {}},
+        "backbone_prefix": prefixed,
+        "both": {"state_dict": prefixed},
+        "file": tmp_path / "resnet50-oclip.pth",
+    }[wrap]
+    if wrap == "file":
+        torch.save(oclip_sd, given)
+    report = load_oclip_backbone(model, given)
+    assert report["layout"] == "mmocr" and report["ignored"] == []
+    assert_backbone_equals(model, oclip_sd)
+    assert all(torch.equal(model.neck.state_dict()[k], v) for k, v in neck_before.items())  # only the backbone
+
+
+def test_oclip_backbone_other_layouts(oclip_sd):
+    """CLIP's own names (module.visual. prefix, attnpool head) and the stem numbered 0..5 of oCLIP's
+    tools/convert2mmocr.py are renamed to MMOCR's, then loaded strictly."""
+    clip = {"module.visual." + k: v for k, v in clip_names(oclip_sd).items()}
+    clip["module.visual.attnpool.c_proj.weight"] = torch.zeros(1024, 2048)
+    model = build_model("dbnet_resnet50-oclip_1200e_icdar2015")
+    report = load_oclip_backbone(model, {"state_dict": clip})
+    assert report["layout"] == "clip" and report["ignored"] == ["module.visual.attnpool.c_proj.weight"]
+    assert_backbone_equals(model, oclip_sd)
+
+    to_contiguous = {"0": "0", "1": "1", "3": "2", "4": "3", "6": "4", "7": "5"}
+    contiguous = {}
+    for k, v in oclip_sd.items():
+        if k.startswith("stem."):
+            _, i, rest = k.split(".", 2)
+            k = f"stem.{to_contiguous[i]}.{rest}"
+        contiguous[k] = v
+    model = build_model("dbnet_resnet50-oclip_1200e_icdar2015")
+    assert load_oclip_backbone(model.backbone, contiguous)["layout"] == "contiguous_stem"
+    assert_backbone_equals(model, oclip_sd)
+
+
+def test_oclip_backbone_errors(oclip_sd):
+    model = build_model("dbnet_resnet50-oclip_1200e_icdar2015")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    missing = {k: v for k, v in oclip_sd.items() if k != "layer3.2.bn1.running_var"}
+    with pytest.raises(ValueError, match=r"missing keys \(1\): layer3\.2\.bn1\.running_var"):
+        load_oclip_backbone(model, missing)
+    bad = dict(oclip_sd, **{"layer1.0.conv1.weight": torch.zeros(64, 64, 3, 3)})
+    shapes = r"layer1\.0\.conv1\.weight: checkpoint \(64, 64, 3, 3\) vs model \(64, 64, 1, 1\)"
+    with pytest.raises(ValueError, match=shapes):
+        load_oclip_backbone(model, bad)
+    with pytest.raises(ValueError, match=r"unexpected keys \(1\): fc\.weight"):
+        load_oclip_backbone(model, dict(oclip_sd, **{"fc.weight": torch.zeros(2)}))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # untouched
+    with pytest.raises(ValueError, match="need a CLIPResNet backbone, got ResNet"):
+        load_oclip_backbone(build_model("dbnet_resnet18_tiny"), oclip_sd)
+    # torchvision weights are refused by the CLIPResNet (stem names differ), clearly
+    with pytest.raises(ValueError, match=r"missing keys .*stem\.0\.weight"):
+        load_torchvision_backbone(model, torchvision.models.resnet50().state_dict())

@@ -1,8 +1,10 @@
-"""DBNet / DBNet++ detector (backbone -> FPNC neck -> DB head) and its builders.
+"""DBNet / DBNet++ detector (backbone -> FPNC neck -> DB head) and its builders, by name.
 
-``build_model("dbnetpp_resnet50_dcnv2")`` is MMOCR v1.0.1's
-``dbnetpp_resnet50-dcnv2_fpnc_1200e_icdar2015`` model; its state-dict keys are MMOCR's, so
-``dbnetpp.weights.load_mmocr_checkpoint`` loads MMOCR checkpoints without renaming.
+``build_model(name)`` accepts each MMOCR v1.0.1 DBNet / DBNet++ config name (e.g.
+``"dbnetpp_resnet50-oclip_fpnc_1200e_icdar2015"``) and builds that config's network with MMOCR's
+state-dict keys, so ``dbnetpp.weights.load_mmocr_checkpoint`` loads MMOCR checkpoints strictly,
+without renaming. The short names of earlier releases stay (``dbnetpp_resnet50_dcnv2`` is the
+``dbnetpp_resnet50-dcnv2_fpnc_*`` network). ``MODEL_NAMES`` lists every name.
 """
 
 from typing import Any, Callable, Dict, Sequence, Tuple, Union
@@ -26,6 +28,7 @@ __all__ = [
     "dbnetpp_resnet50",
     "dbnet_resnet18",
     "dbnet_resnet18_tiny",
+    "same_architecture",
     "set_dcn_impl",
 ]
 
@@ -112,36 +115,40 @@ def _dbnet(
 
 
 _DCN_234 = (False, True, True, True)
+_R18 = dict(depth=18, norm_eval=False)
+_R50 = dict(depth=50, norm_eval=True)  # MMOCR's plain ResNet-50 configs freeze BatchNorm
+_R50_DCN = dict(depth=50, dcn_stages=_DCN_234, norm_eval=False)
+_CLIP = dict(backbone="clip_resnet", depth=50, norm_eval=True)  # MMDetection's ResNet default
 
-# One row per accepted name: (builder, keyword values). MMOCR v1.0.1 config names first, then
-# this library's short names. The values are those of MMOCR's configs (``configs/textdet/dbnet``,
-# ``configs/textdet/dbnetpp`` and their ``_base_`` model files); see ``MODEL_TABLE`` below.
+# One row per accepted name: (builder, keyword values). MMOCR v1.0.1 config names first (values
+# from ``configs/textdet/dbnet``, ``configs/textdet/dbnetpp`` and their ``_base_`` model files;
+# a0..a6 are the architectures of tests/data/mmocr_dbnet_family_keys.json), then the short names.
+# Every MMOCR row: FPNC lateral 256 -> 4 x 64, DB head on 256 channels without bias, k = 50,
+# frozen_stages -1. ``dbnet_resnet50-dcnv2_fpnc_100k_synthtext`` is left out: MMOCR 1.0.1's own
+# config of that name does not parse.
 _TABLE: Dict[str, Tuple[Callable[..., DBNet], Dict[str, Any]]] = {
-    # DBNet, ResNet-18 (MMOCR architecture a0)
-    "dbnet_resnet18_fpnc_1200e_icdar2015": (_dbnet, dict(depth=18)),
-    "dbnet_resnet18_fpnc_1200e_totaltext": (_dbnet, dict(depth=18)),
-    "dbnet_resnet18_fpnc_100k_synthtext": (_dbnet, dict(depth=18)),
+    # DBNet, ResNet-18 (a0)
+    "dbnet_resnet18_fpnc_1200e_icdar2015": (_dbnet, dict(_R18)),
+    "dbnet_resnet18_fpnc_1200e_totaltext": (_dbnet, dict(_R18)),
+    "dbnet_resnet18_fpnc_100k_synthtext": (_dbnet, dict(_R18)),
     # DBNet, ResNet-50 + DCNv2 in stages 2-4 (a1)
-    "dbnet_resnet50-dcnv2_fpnc_1200e_icdar2015": (_dbnet, dict(depth=50, dcn_stages=_DCN_234)),
-    # DBNet, ResNet-50, BatchNorm frozen (a3)
-    "dbnet_resnet50_1200e_icdar2015": (_dbnet, dict(depth=50, norm_eval=True)),
+    "dbnet_resnet50-dcnv2_fpnc_1200e_icdar2015": (_dbnet, dict(_R50_DCN)),
     # DBNet, oCLIP ResNet-50 (a2)
-    "dbnet_resnet50-oclip_1200e_icdar2015": (_dbnet, dict(backbone="clip_resnet", depth=50, norm_eval=True)),
+    "dbnet_resnet50-oclip_1200e_icdar2015": (_dbnet, dict(_CLIP)),
+    # DBNet, ResNet-50 (a3)
+    "dbnet_resnet50_1200e_icdar2015": (_dbnet, dict(_R50)),
     # DBNet++, ResNet-50 + DCNv2 (a4)
-    "dbnetpp_resnet50-dcnv2_fpnc_1200e_icdar2015": (_dbnet, dict(depth=50, dcn_stages=_DCN_234, asf=True)),
-    "dbnetpp_resnet50-dcnv2_fpnc_100k_synthtext": (_dbnet, dict(depth=50, dcn_stages=_DCN_234, asf=True)),
+    "dbnetpp_resnet50-dcnv2_fpnc_1200e_icdar2015": (_dbnet, dict(_R50_DCN, asf=True)),
+    "dbnetpp_resnet50-dcnv2_fpnc_100k_synthtext": (_dbnet, dict(_R50_DCN, asf=True)),
     # DBNet++, oCLIP ResNet-50 (a5)
-    "dbnetpp_resnet50-oclip_fpnc_1200e_icdar2015": (
-        _dbnet,
-        dict(backbone="clip_resnet", depth=50, norm_eval=True, asf=True),
-    ),
-    # DBNet++, ResNet-50, BatchNorm frozen (a6)
-    "dbnetpp_resnet50_fpnc_1200e_icdar2015": (_dbnet, dict(depth=50, asf=True, norm_eval=True)),
-    # short names (kept from earlier releases)
-    "dbnetpp_resnet50_dcnv2": (_dbnet, dict(depth=50, dcn_stages=_DCN_234, asf=True)),
-    "dbnetpp_resnet50": (_dbnet, dict(depth=50, asf=True)),
-    "dbnet_resnet18": (_dbnet, dict(depth=18)),
-    # Half-width ResNet-18 (base 32), FPNC lateral 64 -> 4x16: learns on a 2-core CPU in minutes.
+    "dbnetpp_resnet50-oclip_fpnc_1200e_icdar2015": (_dbnet, dict(_CLIP, asf=True)),
+    # DBNet++, ResNet-50 (a6)
+    "dbnetpp_resnet50_fpnc_1200e_icdar2015": (_dbnet, dict(_R50, asf=True)),
+    # short names of earlier releases (BatchNorm trained, as they always were)
+    "dbnetpp_resnet50_dcnv2": (_dbnet, dict(depth=50, dcn_stages=_DCN_234, asf=True)),  # = a4
+    "dbnetpp_resnet50": (_dbnet, dict(depth=50, asf=True)),  # = a6
+    "dbnet_resnet18": (_dbnet, dict(depth=18)),  # = a0
+    # half-width ResNet-18 (base 32), FPNC lateral 64 -> 4 x 16: learns on a 2-core CPU in minutes
     "dbnet_resnet18_tiny": (_dbnet, dict(depth=18, base_channels=32, lateral_channels=64, out_channels=16)),
 }
 
@@ -184,7 +191,11 @@ _OVERRIDES = (
 
 
 def build_model(name: str, **overrides: Any) -> DBNet:
-    """Build a detector by name (one of ``MODEL_NAMES``), randomly initialised.
+    """Build a detector by name, randomly initialised.
+
+    ``name``: one of ``MODEL_NAMES``: an MMOCR config name (the network of that config, with its
+    ``norm_eval``) or a short name (``dbnetpp_resnet50_dcnv2``, ``dbnetpp_resnet50``,
+    ``dbnet_resnet18``, ``dbnet_resnet18_tiny``).
 
     ``overrides`` replace recipe values: depth, dcn_stages, base_channels, norm_eval,
     frozen_stages, lateral_channels, out_channels, asf, head_with_bias, k, dcn_impl.
@@ -197,6 +208,20 @@ def build_model(name: str, **overrides: Any) -> DBNet:
         raise ValueError(f"unknown override(s) {unknown} for {name!r}; valid: {', '.join(_OVERRIDES)}")
     builder, values = _TABLE[name]
     return builder(name, **{**values, **overrides})
+
+
+# training-time settings: they change no parameter, buffer or eval-mode output
+_TRAINING_ONLY = ("norm_eval", "frozen_stages", "dcn_impl")
+
+
+def same_architecture(name: str, other: str) -> bool:
+    """True when both names build the same network (same state-dict keys and shapes, same
+    eval-mode forward), e.g. an MMOCR config name and its short alias; False for unknown names."""
+    if name not in _TABLE or other not in _TABLE:
+        return False
+    (b1, v1), (b2, v2) = _TABLE[name], _TABLE[other]
+    strip = lambda v: {k: x for k, x in v.items() if k not in _TRAINING_ONLY}  # noqa: E731
+    return b1 is b2 and strip(v1) == strip(v2)
 
 
 def set_dcn_impl(model: nn.Module, impl: str) -> int:
