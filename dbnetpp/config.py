@@ -1,10 +1,12 @@
-"""Training configuration: three frozen dataclasses and named presets.
+"""Training configuration: three frozen dataclasses, MMOCR's recipes by name, and presets.
 
 The defaults are MMOCR's DBNet++ recipe
 (``dbnetpp_resnet50-dcnv2_fpnc_1200e_icdar2015.py``): SGD lr 0.007, momentum 0.9,
 weight decay 1e-4, poly LR (power 0.9, down to 1e-7) stepped per epoch, 1200 epochs,
-batch 16, evaluation and a checkpoint every 20 epochs. ``PRESETS["tiny"]`` is the
-CPU job of the README: a half-width ResNet-18 trained on 256x256 synthetic text.
+batch 16, evaluation and a checkpoint every 20 epochs. ``RECIPES`` holds every working
+DBNet / DBNet++ config of MMOCR 1.0.1 by its config name (one row each, below);
+``PRESETS`` adds the short aliases (``mmocr``) and ``tiny``, the CPU job of the README:
+a half-width ResNet-18 trained on 256x256 synthetic text.
 
 CLI flags map one to one onto fields (``examples/train.py``); the resolved config is
 printed, written to ``work_dir/config.json`` and stored in every checkpoint.
@@ -16,6 +18,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 AMP_DTYPES = ("bf16", "fp16")
+DATASET_KINDS = ("icdar2015", "totaltext", "synthtext")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,12 @@ class DataConfig:
     """
 
     root: Optional[str] = None
+    # Dataset family under ``root`` (``dbnetpp.data.open_dataset``): "icdar2015", "totaltext" or
+    # "synthtext"; MMOCR's prepared textdet_{train,test}.json or the official release.
+    kind: str = "icdar2015"
+    # MMOCR's FixInvalidPolygon(min_poly_points=N) on the loaded ground truth (train and test);
+    # None: off. The Total-Text and SynthText recipes use 4.
+    fix_polygons: Optional[int] = None
     train_size: int = 640  # side of the square training crop, pixels
     test_scale: Tuple[int, int] = (4068, 1024)  # (long, short) side limits of the test resize, pixels
     workers: int = 8  # DataLoader workers per process
@@ -143,6 +152,12 @@ class Config:
                 f"synthetic sets need >= 1 image of >= 32 pixels, got {d.synthetic_train_images}/"
                 f"{d.synthetic_test_images} images of {d.synthetic_size}"
             )
+        if d.kind not in DATASET_KINDS:
+            raise ValueError(f"data.kind must be one of {DATASET_KINDS}, got {d.kind!r}")
+        if d.fix_polygons is not None and d.fix_polygons < 3:
+            raise ValueError(f"data.fix_polygons must be None or >= 3 points, got {d.fix_polygons}")
+        if not 0 < self.model.epsilon_ratio < 1:
+            raise ValueError(f"model.epsilon_ratio must be in (0, 1), got {self.model.epsilon_ratio}")
         if d.workers < 0:
             raise ValueError(f"data.workers must be >= 0, got {d.workers}")
         return self
@@ -183,13 +198,95 @@ TINY = Config(
     ),
 )
 
-PRESETS: Dict[str, Config] = {"mmocr": Config(), "tiny": TINY}
+# ----------------------------------------------------------------------------- MMOCR's recipes
+# Read from MMOCR v1.0.1 configs/textdet/{dbnet,dbnetpp}/*.py and their _base_ files. Shared by all:
+# SGD momentum 0.9, weight decay 1e-4, poly LR power 0.9 down to eta_min 1e-7, batch 16 per process
+# quoted for a total of 16 (auto_scale_lr base_batch_size 16), 640x640 training crops, quad boxes.
+# MMOCR scales the LR only under ``tools/train.py --auto-scale-lr``, and the published numbers were
+# trained without it, so the recipes keep ``scale_lr=False``: N processes run N x 16 images per step
+# at the recipe's LR, as ``tools/dist_train.sh`` does.
+TORCHVISION_RESNET18 = "torchvision://resnet18"
+TORCHVISION_RESNET50 = "torchvision://resnet50"
+OCLIP_RESNET50 = "https://download.openmmlab.com/mmocr/backbone/resnet50-oclip-7ba0c533.pth"
+DBNET_R50DCN_SYNTHTEXT = (
+    "https://download.openmmlab.com/mmocr/textdet/dbnet/tmp_1.0_pretrain/"
+    "dbnet_r50dcnv2_fpnc_sbn_2e_synthtext_20210325-ed322016.pth"
+)
+DBNETPP_R50DCN_SYNTHTEXT = (
+    "https://download.openmmlab.com/mmocr/textdet/dbnetpp/tmp_1.0_pretrain/"
+    "dbnetpp_r50dcnv2_fpnc_100k_iter_synthtext-20220502-352fec8a.pth"
+)
+R18_TEST_SCALE = (1333, 736)  # _base_dbnet_resnet18_fpnc.py
+R50_TEST_SCALE = (4068, 1024)  # the ResNet-50 bases
+DBNET_EPSILON, DBNETPP_EPSILON = 0.01, 0.002  # DBPostprocessor default / _base_dbnetpp_*.py
+
+
+def _recipe(
+    name: str,
+    backbone_init: str,
+    *,
+    load_from: Optional[str] = None,
+    lr: float = 0.007,
+    warmup_epochs: int = 0,
+    max_iters: Optional[int] = None,
+    kind: str = "icdar2015",
+    fix_polygons: Optional[int] = None,
+) -> Config:
+    """One MMOCR config: what differs between rows is an argument, the rest follows the name."""
+    dbnetpp = name.startswith("dbnetpp_")
+    model = ModelConfig(
+        name=name,
+        backbone_init=backbone_init,
+        load_from=load_from,
+        text_repr_type="quad",
+        epsilon_ratio=DBNETPP_EPSILON if dbnetpp else DBNET_EPSILON,
+    )
+    test_scale = R18_TEST_SCALE if "resnet18" in name else R50_TEST_SCALE
+    data = DataConfig(kind=kind, fix_polygons=fix_polygons, test_scale=test_scale)
+    train = TrainConfig(lr=lr, scale_lr=False, warmup=warmup_epochs, warmup_factor=0.001)
+    if max_iters is not None:  # schedule_sgd_100k.py + pretrain_runtime.py
+        train = dataclasses.replace(
+            train, max_iters=max_iters, eval_interval=0, save_interval_iters=10_000, keep_last=1, log_interval=1000
+        )
+    return Config(model=model, data=data, train=train).validate()
+
+
+_SYNTHTEXT = dict(max_iters=100_000, kind="synthtext", fix_polygons=4)
+_TOTALTEXT = dict(kind="totaltext", fix_polygons=4)
+
+# ``dbnet_resnet50-dcnv2_fpnc_100k_synthtext`` is left out: in MMOCR 1.0.1 it reads
+# ``_base_.synthtext_textdet_test``, which ``_base_/datasets/synthtext.py`` no longer defines, so
+# the config does not load; no weights were published from it (the DBNet R50-DCN fine-tuning loads
+# a SynthText model from MMOCR 0.x instead).
+RECIPES: Dict[str, Config] = {
+    r.model.name: r
+    for r in (
+        _recipe("dbnet_resnet18_fpnc_1200e_icdar2015", TORCHVISION_RESNET18),
+        _recipe("dbnet_resnet18_fpnc_1200e_totaltext", TORCHVISION_RESNET18, **_TOTALTEXT),
+        _recipe("dbnet_resnet18_fpnc_100k_synthtext", TORCHVISION_RESNET18, **_SYNTHTEXT),
+        _recipe("dbnet_resnet50_1200e_icdar2015", TORCHVISION_RESNET50, lr=0.002, warmup_epochs=100),
+        _recipe("dbnet_resnet50-dcnv2_fpnc_1200e_icdar2015", TORCHVISION_RESNET50, load_from=DBNET_R50DCN_SYNTHTEXT),
+        _recipe("dbnet_resnet50-oclip_1200e_icdar2015", OCLIP_RESNET50, lr=0.002, warmup_epochs=100),
+        _recipe("dbnetpp_resnet50_fpnc_1200e_icdar2015", TORCHVISION_RESNET50, lr=0.003, warmup_epochs=200),
+        _recipe(
+            "dbnetpp_resnet50-dcnv2_fpnc_1200e_icdar2015", TORCHVISION_RESNET50, load_from=DBNETPP_R50DCN_SYNTHTEXT
+        ),
+        _recipe("dbnetpp_resnet50-oclip_fpnc_1200e_icdar2015", OCLIP_RESNET50, lr=0.002, warmup_epochs=200),
+        _recipe("dbnetpp_resnet50-dcnv2_fpnc_100k_synthtext", TORCHVISION_RESNET50, **_SYNTHTEXT),
+    )
+}
+
+# Short names kept from earlier releases.
+ALIASES: Dict[str, str] = {"mmocr": "dbnetpp_resnet50-dcnv2_fpnc_1200e_icdar2015"}
+
+PRESETS: Dict[str, Config] = {**RECIPES, **{alias: RECIPES[name] for alias, name in ALIASES.items()}, "tiny": TINY}
 
 
 def get_config(preset: Optional[str] = None, **overrides: Mapping[str, Any]) -> Config:
-    """The named preset (None: the MMOCR recipe) with per-section overrides.
+    """The named recipe or preset (None: ``mmocr``, the DBNet++ R50-DCNv2 recipe) with per-section overrides.
 
-    ``get_config("tiny", train={"epochs": 1}, data={"root": "/data/icdar2015"})``.
+    ``get_config("dbnetpp_resnet50_fpnc_1200e_icdar2015", data={"root": "data/icdar2015"})``,
+    ``get_config("tiny", train={"epochs": 1})``.
     Only keys whose value is not None are applied, so unset CLI flags keep the preset.
     """
     name = preset or "mmocr"

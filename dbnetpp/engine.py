@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from . import distributed as dist_utils
 from .meters import JsonlLogger, SmoothedValue
+from dbnetpp.schedules import learning_rates, lr_at_step  # noqa: F401  (public: dbnetpp.engine.learning_rates)
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

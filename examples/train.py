@@ -52,7 +52,7 @@ from dbnetpp import distributed as dist_utils
 from dbnetpp.allocator import keep_freed_memory
 from dbnetpp.checkpoint import get_rng_state, load_model_weights, read_checkpoint, save_checkpoint, set_rng_state
 from dbnetpp.config import AMP_DTYPES, OPTIMIZERS, PRESETS, Config, get_config
-from dbnetpp.data import ICDAR2015, SyntheticText, TestDataset, TrainDataset, collate_test, collate_train
+from dbnetpp.data import SyntheticText, TestDataset, TrainDataset, collate_test, collate_train, open_dataset
 from dbnetpp.engine import (
     NonFiniteLossError,
     PolyLR,
@@ -170,13 +170,16 @@ def materialize(source: Any, info: dist_utils.DistInfo) -> List[Dict[str, Any]]:
 
 
 def build_sources(cfg: Config, info: dist_utils.DistInfo, train: bool = True) -> Tuple[Any, Any]:
-    """(train, test) sources: ICDAR 2015 under ``root``, or synthetic text (held-out seed).
+    """(train, test) sources: the ``data.kind`` dataset under ``root``, or synthetic text (held-out seed).
 
-    The train source is None when ``train`` is False.
+    The train source is None when ``train`` is False; SynthText, which has no test split, gets an
+    empty one (its recipes never evaluate).
     """
     d = cfg.data
     if d.root is not None:
-        return (ICDAR2015(d.root, "train") if train else None), ICDAR2015(d.root, "test")
+        train_source = open_dataset(d.root, "train", d.kind, fix_polygons=d.fix_polygons) if train else None
+        no_test = d.kind == "synthtext" and cfg.train.eval_interval == 0
+        return train_source, [] if no_test else open_dataset(d.root, "test", d.kind, fix_polygons=d.fix_polygons)
     kwargs = dict(size=d.synthetic_size, words_per_image=tuple(d.synthetic_words))
     # Drawing an image costs ~60 ms: make each set once, not once per epoch.
     test_set = materialize(SyntheticText(d.synthetic_test_images, seed=d.synthetic_test_seed, **kwargs), info)

@@ -193,7 +193,7 @@ def test_bad_arguments_fail_early(train_module):
     default = train_module.config_from_args(parser.parse_args([]))
     t = default.train
     assert (default.model.name, t.optimizer, t.lr, t.momentum, t.weight_decay, t.epochs, t.batch_size) == (
-        "dbnetpp_resnet50_dcnv2", "sgd", 0.007, 0.9, 1e-4, 1200, 16,
+        "dbnetpp_resnet50-dcnv2_fpnc_1200e_icdar2015", "sgd", 0.007, 0.9, 1e-4, 1200, 16,
     )  # fmt: skip
     assert (t.lr_power, t.lr_min, t.eval_interval, t.save_interval, tuple(default.data.test_scale)) == (
         0.9, 1e-7, 20, 20, (4068, 1024),

@@ -1,8 +1,12 @@
-"""Data: ICDAR 2015, synthetic scene text, the MMOCR train/test pipelines and DB targets."""
+"""Data: ICDAR 2015, Total-Text, SynthText, synthetic scene text, the MMOCR pipelines and DB targets."""
 
 from .dataset import TestDataset, TrainDataset, collate_test, collate_train
+from .base import AnnotatedImages, read_image
 from .icdar2015 import ICDAR2015
+from .sources import FixedPolygons, open_dataset
 from .synthetic import SyntheticText
+from .synthtext import SynthText
+from .textdet_json import TextDetJSON
 from .targets import db_targets
 from .transforms import (
     TrainParams,
@@ -30,7 +34,13 @@ from .transforms import (
 )
 
 __all__ = [
+    "open_dataset",
+    "AnnotatedImages",
     "ICDAR2015",
+    "TextDetJSON",
+    "SynthText",
+    "FixedPolygons",
+    "read_image",
     "SyntheticText",
     "TrainDataset",
     "TestDataset",

@@ -5,13 +5,14 @@ A *source* is anything indexable that returns samples ``{"image": BGR uint8 (H, 
 :class:`~dbnetpp.data.ICDAR2015`, :class:`~dbnetpp.data.SyntheticText`, a list of dicts.
 """
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ..preprocess import batch_images, normalize_image
+from .sources import FixedPolygons
 from .targets import db_targets
 from .transforms import TEST_SCALE, TRAIN_SIZE, resize_for_test, train_transform
 
@@ -53,9 +54,16 @@ class TrainDataset(Dataset):
         seed: base seed.
         fused: render each image with one warp (fast) or step by step as MMOCR does; see
             :func:`~dbnetpp.data.transforms.train_transform`.
+        fix_polygons: MMOCR's ``FixInvalidPolygon(min_poly_points=N)`` right after loading
+            (Total-Text, SynthText: 4); None: off. ``open_dataset(..., fix_polygons=N)`` does the
+            same in the source (applying it twice changes nothing: fixed polygons are valid).
     """
 
-    def __init__(self, source: Any, size: int = TRAIN_SIZE, seed: int = 0, fused: bool = True) -> None:
+    def __init__(
+        self, source: Any, size: int = TRAIN_SIZE, seed: int = 0, fused: bool = True, fix_polygons: Optional[int] = None
+    ) -> None:
+        if fix_polygons is not None:
+            source = FixedPolygons(source, fix_polygons)
         if len(source) == 0:
             raise ValueError(f"{type(source).__name__} source is empty")
         if int(size) < 32:
@@ -100,7 +108,8 @@ class TrainDataset(Dataset):
         return item
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({_describe(self.source)}, size={self.size}, seed={self.seed}, fused={self.fused})"
+        name, source = type(self).__name__, _describe(self.source)
+        return f"{name}({source}, size={self.size}, seed={self.seed}, fused={self.fused})"
 
 
 class TestDataset(Dataset):
@@ -113,7 +122,10 @@ class TestDataset(Dataset):
 
     __test__ = False  # not a pytest test class, despite the name
 
-    def __init__(self, source: Any, scale: Tuple[int, int] = TEST_SCALE) -> None:
+    def __init__(self, source: Any, scale: Tuple[int, int] = TEST_SCALE, fix_polygons: Optional[int] = None) -> None:
+        """``fix_polygons``: FixInvalidPolygon on the ground truth, as Total-Text's test pipeline (4)."""
+        if fix_polygons is not None:
+            source = FixedPolygons(source, fix_polygons)
         if len(scale) != 2 or min(scale) <= 0:
             raise ValueError(f"scale must be (long side, short side) > 0, got {scale!r}")
         self.source = source

@@ -15,19 +15,19 @@ clockwise from the top-left); the transcription may contain commas and ``###`` m
 "do not care" region.
 """
 
-import json
 import math
 import os
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Tuple, Union
 
-import cv2
 import numpy as np
+
+from .base import IGNORE_TEXT, AnnotatedImages, read_image
+from .textdet_json import load_textdet_json
 
 __all__ = ["ICDAR2015", "parse_gt_file", "read_image", "IGNORE_TEXT", "SPLITS"]
 
-IGNORE_TEXT = "###"
 NUM_COORDS = 8
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -91,22 +91,7 @@ def parse_gt_file(path: PathLike) -> Dict[str, Any]:
     return {"polygons": polygons, "ignore": ignore, "texts": texts}
 
 
-def read_image(path: PathLike) -> np.ndarray:
-    """Decode an image as MMOCR's ``color_ignore_orientation`` does: BGR uint8 (H, W, 3).
-
-    EXIF orientation is ignored. Raises FileNotFoundError / ValueError naming the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    data = np.fromfile(str(path), dtype=np.uint8)  # bytes + imdecode, like mmcv; safe for non-ASCII paths
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
-    if image is None:
-        raise ValueError(f"could not decode image: {path}")
-    return image
-
-
-class ICDAR2015:
+class ICDAR2015(AnnotatedImages):
     """ICDAR 2015 text detection split, indexable.
 
     ``dataset[i]`` is a dict ``{"image": BGR uint8 (H, W, 3), "polygons": list of float32
@@ -136,7 +121,7 @@ class ICDAR2015:
         json_file = self.root / SPLITS[split][2]
         if json_file.is_file():
             self.layout = "mmocr"
-            self.image_paths, self.annotations = _load_mmocr_json(json_file, self.root)
+            self.image_paths, self.annotations = load_textdet_json(json_file, self.root)
         else:
             self.layout = "official"
             self.image_paths, self.annotations = _load_official(self.root, split, require_images)
@@ -144,28 +129,6 @@ class ICDAR2015:
             missing = [p for p in self.image_paths if not p.is_file()]
             if missing:
                 raise FileNotFoundError(f"{len(missing)} image(s) of the {split} split are missing, e.g. {missing[0]}")
-
-    def __len__(self) -> int:
-        return len(self.image_paths)
-
-    def load_annotations(self, index: int) -> Dict[str, Any]:
-        """Sample ``index`` without the image: ``polygons``, ``ignore``, ``texts``, ``path`` (copies)."""
-        ann = self.annotations[index]
-        return {
-            "polygons": [p.copy() for p in ann["polygons"]],
-            "ignore": ann["ignore"].copy(),
-            "texts": list(ann["texts"]),
-            "path": str(self.image_paths[index]),
-        }
-
-    def __getitem__(self, index: int) -> Dict[str, Any]:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} images")
-        sample = self.load_annotations(index)
-        image = read_image(sample["path"])
-        sample["image"] = image
-        sample["ori_size"] = (int(image.shape[0]), int(image.shape[1]))
-        return sample
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, layout={self.layout!r}, images={len(self)})"
@@ -196,42 +159,3 @@ def _load_official(root: Path, split: str, require_images: bool) -> Tuple[List[P
     if not gt_files:
         raise FileNotFoundError(f"no ICDAR 2015 {split} samples found under {root} ({gt_dir}, {image_dir})")
     return images, [parse_gt_file(g) for g in gt_files]
-
-
-def _load_mmocr_json(path: Path, root: Path) -> Tuple[List[Path], List[Dict[str, Any]]]:
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
-    entries = data.get("data_list") if isinstance(data, dict) else None
-    if not isinstance(entries, list):
-        raise ValueError(f"{path}: expected a dict with a 'data_list' list (MMOCR TextDetPacker format)")
-    images: List[Path] = []
-    annotations: List[Dict[str, Any]] = []
-    for i, entry in enumerate(entries):
-        where = f"{path}: data_list[{i}]"
-        if not isinstance(entry, dict) or "img_path" not in entry:
-            raise ValueError(f"{where}: missing key 'img_path'")
-        polygons, ignore, texts = [], [], []
-        for j, inst in enumerate(entry.get("instances", [])):
-            if not isinstance(inst, dict) or "polygon" not in inst:
-                raise ValueError(f"{where}.instances[{j}]: missing key 'polygon'")
-            poly = _json_polygon(inst["polygon"], f"{where}.instances[{j}].polygon")
-            polygons.append(poly)
-            ignore.append(bool(inst.get("ignore", False)))
-            texts.append(str(inst.get("text", IGNORE_TEXT if ignore[-1] else "")))
-        images.append(root / entry["img_path"])
-        annotations.append({"polygons": polygons, "ignore": np.array(ignore, dtype=bool), "texts": texts})
-    return images, annotations
-
-
-def _json_polygon(values: Any, where: str) -> np.ndarray:
-    try:
-        poly = np.asarray(values, dtype=np.float32).reshape(-1)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: not a list of numbers: {values!r}") from None
-    if poly.size < 6 or poly.size % 2 != 0 or not np.isfinite(poly).all():
-        raise ValueError(f"{where}: expected an even number (>= 6) of finite coordinates, got {values!r}")
-    return poly.reshape(-1, 2)
-
