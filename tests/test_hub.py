@@ -283,3 +283,18 @@ def test_cli_models_table(capsys, offline_cache):
     assert [row.split(" | ")[0][2:] for row in rows] == list(hub.DETECTORS)
     assert "| dbnetpp_resnet50-oclip_fpnc_1200e_icdar2015 | 0.8882 | 0.9174 | 0.8609 | 4068x1024 |" in out
     assert str(offline_cache) in out
+
+
+def test_from_pretrained_best_dbnetpp_from_a_prefilled_cache(monkeypatch, offline_cache):
+    """The published oCLIP DBNet++ file (built here with MMOCR's keys) under its real name in the
+    cache: no download, the recipe's architecture, test scale and epsilon."""
+    name = "dbnetpp_resnet50-oclip_fpnc_1200e_icdar2015"
+    model = build_model(name)
+    offline_cache.mkdir(parents=True)
+    torch.save(mmocr_checkpoint(model), offline_cache / hub.PUBLISHED[name].filename)
+    monkeypatch.setattr(hub, "_fetch", lambda *a, **k: pytest.fail("no download expected"))
+    detector = Detector.from_pretrained("DBNetpp", progress=False, prepare=False)
+    assert detector.model_name == name and detector.test_scale == (4068, 1024)
+    assert detector.postprocessor.epsilon_ratio == 0.002 and detector.postprocessor.text_repr_type == "quad"
+    for key, value in model.state_dict().items():
+        assert torch.equal(detector.model.state_dict()[key], value), key

@@ -3,6 +3,7 @@ whole-model ``load_from`` after it, a user's file instead of the recipe's, the o
 and foreign files, and the offline message. Offline: TORCH_HOME is a temporary folder, files
 are served from ``file://`` URLs and every other URL fails."""
 
+import dataclasses
 import hashlib
 import urllib.error
 import urllib.request
@@ -63,7 +64,10 @@ def publish(server: Path, stem: str, obj) -> str:
 
 
 def recipe(name="dbnet_resnet18", backbone_init=None, load_from=None):
-    return get_config(model={"name": name, "backbone_init": backbone_init, "load_from": load_from})
+    """A config whose model section names exactly these (None included) initialisation files."""
+    cfg = get_config()
+    model = dataclasses.replace(cfg.model, name=name, backbone_init=backbone_init, load_from=load_from)
+    return dataclasses.replace(cfg, model=model)
 
 
 def random_state(model, seed):
@@ -115,22 +119,51 @@ def test_imagenet_into_dcn_backbone_leaves_conv_offset_zero(monkeypatch, offline
     assert torch.equal(sd["layer4.2.bn3.running_var"], file_sd["layer4.2.bn3.running_var"])
 
 
-def test_oclip_backbone_goes_to_the_oclip_loader(monkeypatch, tmp_path, offline_cache):
-    from dbnetpp import weights
+def test_oclip_recipe_loads_the_oclip_backbone_from_the_cache(monkeypatch, offline_cache):
+    name = "dbnetpp_resnet50-oclip_fpnc_1200e_icdar2015"
+    cfg = get_config(name)
+    assert cfg.model.backbone_init == "https://download.openmmlab.com/mmocr/backbone/resnet50-oclip-7ba0c533.pth"
+    model = build_model(name)
+    file_sd = random_state(model.backbone, seed=6)  # MMOCR's CLIPResNet names
+    place_in_cache(offline_cache, "resnet50-oclip-7ba0c533.pth", file_sd)
+    no_download(monkeypatch)
+    lines = initialize(model, cfg, progress=False)
+    assert len(lines) == 1 and lines[0].startswith(f"backbone: {cfg.model.backbone_init} (")
+    sd = model.backbone.state_dict()
+    for key, value in file_sd.items():
+        assert torch.equal(sd[key], value), key
 
-    calls = []
 
-    def fake_loader(model, path):
-        calls.append((type(model.backbone).__name__, Path(path).name))
-        return {"loaded": ["stem.0.weight"]}
+def test_recipe_most_users_run_finds_resnet50_in_the_cache(monkeypatch, offline_cache):
+    """dbnetpp_resnet50_fpnc_1200e_icdar2015: torchvision's resnet50-0676ba61.pth, no download."""
+    name = "dbnetpp_resnet50_fpnc_1200e_icdar2015"
+    cfg = get_config(name)
+    assert (cfg.model.backbone_init, cfg.model.load_from) == ("torchvision://resnet50", None)
+    file_sd = imagenet_like(50, seed=7)
+    place_in_cache(offline_cache, "resnet50-0676ba61.pth", file_sd)
+    no_download(monkeypatch)
+    model = build_model(name)
+    initialize(model, cfg, progress=False)
+    sd = model.backbone.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in file_sd.items() if not k.startswith("fc."))
 
-    monkeypatch.setattr(weights, "load_oclip_backbone", fake_loader, raising=False)
-    url = publish(tmp_path / "server", "resnet50-oclip", {"stem.0.weight": torch.zeros(1)})
-    monkeypatch.setitem(hub.PUBLISHED, "resnet50-oclip", hub.PublishedWeights("resnet50-oclip", url, kind="backbone"))
-    model = build_model("dbnetpp_resnet50-oclip_fpnc_1200e_icdar2015")
-    lines = initialize(model, recipe("dbnetpp_resnet50-oclip_fpnc_1200e_icdar2015", "resnet50-oclip"), progress=False)
-    assert calls == [("CLIPResNet", Path(url).name)]
-    assert lines[0].startswith("backbone: resnet50-oclip")
+
+def test_finetuning_recipe_loads_the_synthtext_model_from_the_cache(monkeypatch, offline_cache):
+    """dbnetpp_resnet50-dcnv2_fpnc_1200e_icdar2015: MMOCR's SynthText file (pre-filled under its
+    published name, MMOCR keys) is the whole model; ImageNet is not needed."""
+    name = "dbnetpp_resnet50-dcnv2_fpnc_1200e_icdar2015"
+    cfg = get_config(name)
+    filename = "dbnetpp_r50dcnv2_fpnc_100k_iter_synthtext-20220502-352fec8a.pth"
+    assert cfg.model.load_from.endswith("/tmp_1.0_pretrain/" + filename)
+    model = build_model(name)
+    state = random_state(model, seed=8)
+    place_in_cache(offline_cache, filename, {"meta": {"iter": 100000}, "state_dict": state})
+    no_download(monkeypatch)
+    lines = initialize(model, cfg, progress=False)
+    assert lines[0].startswith("backbone: torchvision://resnet50 skipped")
+    assert lines[1].endswith(f"{len(state)} tensors loaded")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
 
 
 # ----------------------------------------------------------------------------- load_from
