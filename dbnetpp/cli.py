@@ -168,6 +168,9 @@ def _detector_from_args(args: argparse.Namespace) -> Any:
         options["text_repr_type"] = args.text_repr
     name = _published_name(args.weights)
     if name is not None:  # the recipe's test scale and post-processing, unless given
+        from dbnetpp.hub import download_weights
+
+        download_weights(name, hint="give --weights the path of a local checkpoint instead")
         options = {k: v for k, v in options.items() if v is not None}
         return Detector.from_pretrained(name, **options)
     weights, _ = _weights_file(args)
@@ -417,7 +420,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= 500 else text[:497] + "..."
+    return text if len(text) <= 800 else text[:797] + "..."
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -370,9 +370,8 @@ def _fetch(url: str, out, progress: bool, target: Path, hint: str) -> str:
     except (urllib.error.URLError, OSError, ValueError) as err:  # offline, DNS, HTTP 404, timeout, bad URL
         reason = getattr(err, "reason", None) or err
         message = (
-            f"cannot download {target.name} from {url} ({reason}). Without network access, fetch that URL on "
-            f"another machine and put the file in {target.parent}/ (torch hub's checkpoint cache; "
-            f"TORCH_HOME moves it), then run again"
+            f"cannot download {target.name} ({reason}) from {url} . Offline: fetch it elsewhere and put it in "
+            f"{target.parent}/ (torch hub's checkpoint cache; TORCH_HOME moves it)"
         )
         raise WeightsUnavailableError(message + (f"; or {hint}" if hint else "")) from err
     return sha256.hexdigest()

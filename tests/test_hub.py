@@ -4,6 +4,7 @@ from ``file://`` URLs, the cache lives under a temporary TORCH_HOME, and any oth
 
 import dataclasses
 import hashlib
+import json
 import re
 import urllib.error
 import urllib.request
@@ -298,3 +299,22 @@ def test_from_pretrained_best_dbnetpp_from_a_prefilled_cache(monkeypatch, offlin
     assert detector.postprocessor.epsilon_ratio == 0.002 and detector.postprocessor.text_repr_type == "quad"
     for key, value in model.state_dict().items():
         assert torch.equal(detector.model.state_dict()[key], value), key
+
+
+def test_cli_eval_with_a_published_name_uses_its_test_scale(tiny_published, tmp_path, capsys):
+    from dbnetpp.data.synthetic import SyntheticText
+
+    root = SyntheticText(1, 128, seed=0).write_icdar(tmp_path / "icdar", "test")
+    assert main(["eval", "--data", str(root), "--weights", "tiny_text"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["test_scale"] == [256, 160] and record["model"] == "dbnet_resnet18_tiny"
+    assert record["weights"] == "tiny_text" and record["num_images"] == 1
+
+
+def test_cli_offline_published_name(photo, tmp_path, capsys, offline_cache):
+    name = "dbnetpp_resnet50-oclip_fpnc_1200e_icdar2015"
+    assert main(["detect", str(photo), "--weights", name, "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    entry = hub.PUBLISHED[name]
+    for part in (entry.filename, entry.url, str(offline_cache), "--weights the path of a local checkpoint"):
+        assert part in err
