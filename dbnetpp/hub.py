@@ -105,7 +105,8 @@ def _entries() -> List[PublishedWeights]:
         # ---- DBNet (DBPostprocessor epsilon_ratio 0.01, MMOCR's default)
         PublishedWeights(
             "dbnet_resnet18_fpnc_1200e_icdar2015",
-            _DB + "dbnet_resnet18_fpnc_1200e_icdar2015/dbnet_resnet18_fpnc_1200e_icdar2015_20220825_221614-7c0e94f2.pth",
+            _DB + "dbnet_resnet18_fpnc_1200e_icdar2015/"
+            "dbnet_resnet18_fpnc_1200e_icdar2015_20220825_221614-7c0e94f2.pth",
             dataset=icdar, precision=0.8853, recall=0.7583, hmean=0.8169, test_scale=r18_scale,
         ),
         PublishedWeights(
@@ -126,7 +127,8 @@ def _entries() -> List[PublishedWeights]:
         ),
         PublishedWeights(
             "dbnet_resnet50-oclip_1200e_icdar2015",
-            _DB + "dbnet_resnet50-oclip_1200e_icdar2015/dbnet_resnet50-oclip_1200e_icdar2015_20221102_115917-bde8c87a.pth",
+            _DB + "dbnet_resnet50-oclip_1200e_icdar2015/"
+            "dbnet_resnet50-oclip_1200e_icdar2015_20221102_115917-bde8c87a.pth",
             dataset=icdar, precision=0.9052, recall=0.8272, hmean=0.8644, test_scale=r50_scale,
         ),
         # ---- DBNet++ (epsilon_ratio 0.002)
@@ -156,7 +158,8 @@ def _entries() -> List[PublishedWeights]:
         ),
         PublishedWeights(
             "dbnetpp_resnet50-dcnv2_fpnc_100k_synthtext",
-            _DBPP + "dbnetpp_resnet50-dcnv2_fpnc_100k_synthtext/dbnetpp_resnet50-dcnv2_fpnc_100k_synthtext-00f0a80b.pth",
+            _DBPP + "dbnetpp_resnet50-dcnv2_fpnc_100k_synthtext/"
+            "dbnetpp_resnet50-dcnv2_fpnc_100k_synthtext-00f0a80b.pth",
             dataset="SynthText", test_scale=r50_scale, epsilon_ratio=0.002,
         ),
         # ---- files the fine-tuning recipes name in ``load_from`` (MMOCR's tmp_1.0_pretrain folders)

@@ -2,7 +2,6 @@
 ``Detector.from_pretrained`` and ``dbnetpp detect --weights NAME``. Offline: files are served
 from ``file://`` URLs, the cache lives under a temporary TORCH_HOME, and any other URL fails."""
 
-import dataclasses
 import hashlib
 import json
 import re
@@ -78,7 +77,8 @@ def test_table_urls_names_and_hashes():
     pretrain = [e for e in hub.PUBLISHED.values() if "tmp_1.0_pretrain" in e.url]
     assert {e.hash_prefix for e in pretrain} == {"352fec8a", "ed322016"}
     assert all(e.arch in MODEL_NAMES for e in pretrain)
-    assert hub.get_weights("resnet50-oclip").url == "https://download.openmmlab.com/mmocr/backbone/resnet50-oclip-7ba0c533.pth"
+    oclip = "https://download.openmmlab.com/mmocr/backbone/resnet50-oclip-7ba0c533.pth"
+    assert hub.get_weights("resnet50-oclip").url == oclip
 
 
 def test_published_hmean_is_the_harmonic_mean_of_precision_and_recall():
@@ -166,7 +166,8 @@ def test_wrong_hash_refused_and_nothing_left(tmp_path, monkeypatch, offline_cach
     url = publish(tmp_path / "server", "bad_zoo", {"state_dict": {"x": torch.ones(3)}}, corrupt=True)
     add_entry(monkeypatch, "bad_zoo", url)
     filename = hub.get_weights("bad_zoo").filename
-    with pytest.raises(ValueError, match=rf"refused {re.escape(filename)}.*SHA-256.*starting with {hub.hash_prefix(filename)}"):
+    pattern = rf"refused {re.escape(filename)}.*SHA-256.*starting with {hub.hash_prefix(filename)}"
+    with pytest.raises(ValueError, match=pattern):
         hub.download_weights("bad_zoo", progress=False)
     assert list(offline_cache.iterdir()) == []
 
@@ -244,7 +245,11 @@ def test_detector_from_pretrained_uses_recipe_settings(tiny_published, photo):
     assert detector.postprocessor.text_repr_type == "poly"
     assert detector.postprocessor.epsilon_ratio == 0.01
     reference = Detector(
-        hub.cached_path("tiny_text"), "dbnet_resnet18_tiny", test_scale=(256, 160), text_repr_type="poly", epsilon_ratio=0.01
+        hub.cached_path("tiny_text"),
+        "dbnet_resnet18_tiny",
+        test_scale=(256, 160),
+        text_repr_type="poly",
+        epsilon_ratio=0.01,
     )
     got, want = detector.detect(photo), reference.detect(photo)
     assert len(got) == len(want) >= 1

@@ -95,7 +95,8 @@ def test_imagenet_weights_into_the_backbone_from_the_cache(monkeypatch, offline_
     model = build_model("dbnet_resnet18_fpnc_1200e_icdar2015")
     neck_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
     lines = initialize(model, recipe("dbnet_resnet18_fpnc_1200e_icdar2015", "torchvision://resnet18"), progress=False)
-    assert len(lines) == 1 and lines[0].startswith("backbone: torchvision://resnet18") and "resnet18-f37072fd.pth" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("backbone: torchvision://resnet18")
+    assert "resnet18-f37072fd.pth" in lines[0]
     backbone = model.backbone.state_dict()
     for key, value in file_sd.items():
         if not key.startswith("fc."):
@@ -195,7 +196,8 @@ def test_backbone_init_then_partial_load_from(tmp_path, monkeypatch, offline_cac
     """A file without backbone weights: ImageNet first, then the file's keys on top (MMOCR order)."""
     file_sd = imagenet_like(18)
     place_in_cache(offline_cache, "resnet18-f37072fd.pth", file_sd)
-    head_only = {k: v for k, v in random_state(build_model("dbnet_resnet18"), 2).items() if not k.startswith("backbone.")}
+    full = random_state(build_model("dbnet_resnet18"), 2)
+    head_only = {k: v for k, v in full.items() if not k.startswith("backbone.")}
     path = tmp_path / "head_only.pth"
     torch.save({"state_dict": head_only}, path)
     model = build_model("dbnet_resnet18")
@@ -221,7 +223,8 @@ def test_user_load_from_replaces_the_recipes(synthtext, tmp_path, monkeypatch):
         assert torch.equal(value, mine[key]), key
     # --no-pretrained still honours the user's file
     other = build_model("dbnet_resnet18")
-    initialize(other, recipe("dbnet_resnet18", "torchvision://resnet18", "st_pretrain"), pretrained=False, load_from=str(path))
+    cfg = recipe("dbnet_resnet18", "torchvision://resnet18", "st_pretrain")
+    initialize(other, cfg, pretrained=False, load_from=str(path))
     assert torch.equal(other.state_dict()["neck.lateral_convs.0.conv.weight"], mine["neck.lateral_convs.0.conv.weight"])
 
 
