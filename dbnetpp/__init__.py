@@ -24,6 +24,8 @@ _EXPORTS = {
     "DBPostProcessor": "dbnetpp.postprocess",
     "HmeanIoU": "dbnetpp.metric",
     "Detector": "dbnetpp.detector",
+    "list_models": "dbnetpp.hub",
+    "download_weights": "dbnetpp.hub",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

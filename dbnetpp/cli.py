@@ -1,9 +1,11 @@
 """``dbnetpp`` command line: detect text, evaluate on ICDAR 2015, export to ONNX.
 
     dbnetpp detect photos/ img.jpg --weights dbnetpp.pth --out results/
+    dbnetpp detect photo.jpg --weights dbnetpp_resnet50-oclip_fpnc_1200e_icdar2015 --out results/
     dbnetpp eval --data data/icdar2015 --weights dbnetpp.pth
     dbnetpp eval --data data/icdar2015 --predictions results/
     dbnetpp export-onnx --weights dbnetpp.pth --out dbnetpp.onnx --check
+    dbnetpp models                       # published weights usable as --weights NAME
 
 ``detect`` writes, per image, ``vis_<stem>.jpg`` (polygons and scores drawn) and
 ``res_<stem>.txt`` (Robust Reading: one ``x1,y1,...,xK,yK`` line per text, integer pixels,
@@ -129,16 +131,50 @@ def parse_result_file(path: Path) -> Tuple[List[np.ndarray], List[float]]:
     return polygons, scores
 
 
+def _published_name(weights: str) -> Optional[str]:
+    """``weights`` when it names published weights (``dbnetpp models``) rather than a file."""
+    from dbnetpp.hub import get_weights, is_published
+
+    if Path(weights).exists() or not is_published(weights) or get_weights(weights).kind != "detector":
+        return None
+    return weights
+
+
+def _weights_file(args: argparse.Namespace) -> Tuple[str, Optional[str]]:
+    """(checkpoint path, model name) for ``--weights``: a file as given, a published name or an
+    URL downloaded into torch hub's cache (once)."""
+    from dbnetpp.hub import download_weights, get_weights
+
+    hint = "give --weights the path of a local checkpoint instead"
+    name = _published_name(args.weights)
+    if name is not None:
+        entry = get_weights(name)
+        return str(download_weights(name, hint=hint)), args.model or entry.arch
+    if Path(args.weights).exists():
+        return args.weights, args.model
+    if args.weights.startswith(("http://", "https://", "file://")):
+        return str(download_weights(args.weights, hint=hint)), args.model
+    raise FileNotFoundError(
+        f"--weights {args.weights}: no such checkpoint file, and not a published model name "
+        "(`dbnetpp models` lists them)"
+    )
+
+
 def _detector_from_args(args: argparse.Namespace) -> Any:
     from dbnetpp.detector import Detector
 
-    return Detector(
-        args.weights,
-        model=args.model,
-        device=args.device,
-        test_scale=args.test_scale,
-        text_repr_type=getattr(args, "text_repr", "quad"),
-    )
+    options: Dict[str, Any] = dict(model=args.model, device=args.device, test_scale=args.test_scale)
+    if getattr(args, "text_repr", None) is not None:
+        options["text_repr_type"] = args.text_repr
+    name = _published_name(args.weights)
+    if name is not None:  # the recipe's test scale and post-processing, unless given
+        from dbnetpp.hub import download_weights
+
+        download_weights(name, hint="give --weights the path of a local checkpoint instead")
+        options = {k: v for k, v in options.items() if v is not None}
+        return Detector.from_pretrained(name, **options)
+    weights, _ = _weights_file(args)
+    return Detector(weights, **options)
 
 
 def _progress(iterable: Any, total: int, desc: str) -> Any:
@@ -278,7 +314,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     from dbnetpp.detector import load_model
     from dbnetpp.export import check_onnx, count_ops, export_onnx
 
-    model = load_model(args.weights, args.model)
+    model = load_model(*_weights_file(args))
     path = export_onnx(model, args.out, args.height, args.width, opset=args.opset, dynamic=not args.static)
     ops = count_ops(path)
     size_mb = os.path.getsize(path) / 2**20
@@ -291,6 +327,15 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
         images = torch.randn(1, 3, args.height, args.width, generator=torch.Generator().manual_seed(0))
         diff = check_onnx(path, model, images)
         print(f"onnxruntime check on (1, 3, {args.height}, {args.width}): max |onnx - torch| = {diff:.3g}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from dbnetpp.hub import cache_dir, format_table
+
+    print(format_table())
+    print(f"\nweights are downloaded on first use into {cache_dir()}")
+    print("use one: dbnetpp detect photo.jpg --weights NAME --out results/")
     return 0
 
 
@@ -307,7 +352,9 @@ def _test_scale(text: str) -> Tuple[int, int]:
 
 def _add_model_args(parser: argparse.ArgumentParser, weights_required: bool = True) -> None:
     parser.add_argument(
-        "--weights", required=weights_required, help="checkpoint: dbnetpp (from training) or MMOCR .pth"
+        "--weights",
+        required=weights_required,
+        help="checkpoint: dbnetpp (from training) or MMOCR .pth, or a published model name (dbnetpp models)",
     )
     parser.add_argument(
         "--model", default=None, help="model name (default: the checkpoint's own, else dbnetpp_resnet50_dcnv2)"
@@ -336,7 +383,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument("--format", choices=("txt", "json"), default="txt", help="result file format (default txt)")
-    p.add_argument("--text-repr", choices=("quad", "poly"), default="quad", help="rotated boxes or polygons")
+    p.add_argument(
+        "--text-repr",
+        choices=("quad", "poly"),
+        default=None,
+        help="rotated boxes or polygons (default: the published recipe's, else quad)",
+    )
     p.add_argument("--no-vis", action="store_true", help="do not write the vis_<image> drawings")
     _add_run_args(p)
     p.set_defaults(func=cmd_detect)
@@ -350,6 +402,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
     _add_run_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("models", help="list the published models (name, H-mean, P, R, test scale, cached)")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("export-onnx", help="export the network (images -> probability map) to ONNX")
     _add_model_args(p)
@@ -365,7 +420,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= 500 else text[:497] + "..."
+    return text if len(text) <= 800 else text[:797] + "..."
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -20,7 +20,7 @@ Example::
 import copy
 import os
 from collections.abc import Mapping
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -194,6 +194,32 @@ class Detector:
             epsilon_ratio=epsilon_ratio,
             max_candidates=max_candidates,
         )
+
+    @classmethod
+    def from_pretrained(cls, name: str, *, progress: bool = True, **kwargs: Any) -> "Detector":
+        """Detector with MMOCR's published weights ``name`` (``dbnetpp.list_models()``; MMOCR's
+        aliases such as ``"DBNetpp"`` work too), downloaded once into torch hub's cache.
+
+        The recipe's test scale and post-processing (``text_repr_type``, ``epsilon_ratio``) are
+        the defaults; ``kwargs`` (any ``Detector`` argument: device, test_scale, mask_thr, ...)
+        override them. Offline with an empty cache: WeightsUnavailableError (an OSError) naming
+        the file, its URL and the folder to put it in.
+        """
+        from dbnetpp.hub import download_weights, get_weights
+
+        entry = get_weights(name)
+        if entry.kind != "detector":
+            raise ValueError(f"{name!r} holds {entry.dataset} backbone weights, not a trained detector")
+        hint = "give the path of a local checkpoint instead (Detector(path), dbnetpp --weights PATH)"
+        path = download_weights(entry.name, progress=progress, hint=hint)
+        options: Dict[str, Any] = dict(
+            model=entry.arch,
+            test_scale=entry.test_scale,
+            text_repr_type=entry.text_repr_type,
+            epsilon_ratio=entry.epsilon_ratio,
+        )
+        options.update(kwargs)
+        return cls(path, **options)
 
     def __repr__(self) -> str:
         return (
