@@ -222,3 +222,29 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         else:
             count = torch.cuda.device_count()
             warnings.warn(f"checkpoint has {len(states)} CUDA RNG states for {count} devices; not restored")
+
+
+# --- rotation -------------------------------------------------------------------------
+
+
+def rotate_checkpoints(work_dir: PathLike, keep_last: int, prefixes: Sequence[str] = ("epoch", "iter")) -> List[Path]:
+    """Delete all but the newest ``keep_last`` ``<prefix>_N.pth`` files of each prefix; returns the deleted.
+
+    "Newest" is the largest N (MMOCR's ``max_keep_ckpts``). ``last.pth`` and ``best.pth``
+    are never touched; they are separate links, so deleting a periodic file never
+    removes their bytes.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    deleted: List[Path] = []
+    for prefix in prefixes:
+        numbered = []
+        for p in Path(work_dir).glob(f"{prefix}_*.pth"):
+            number = p.stem[len(prefix) + 1 :]
+            if number.isdigit():
+                numbered.append((int(number), p))
+        for _, p in sorted(numbered)[:-keep_last]:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+            deleted.append(p)
+    return deleted
