@@ -107,7 +107,7 @@ def train_one_epoch(
     progress: bool = True,
     lr_at: Optional[Callable[[int], float]] = None,
     start_iter: int = 0,
-    global_step: int = 0,
+    global_step: Optional[int] = None,
     iters_per_epoch: Optional[int] = None,
     max_steps: Optional[int] = None,
     stop_requested: Optional[Callable[[], bool]] = None,
@@ -119,7 +119,7 @@ def train_one_epoch(
     Each batch is a dict with ``images`` (or ``image``) (N, 3, S, S) and the target maps
     (N, S, S). The loader yields the epoch from its batch ``start_iter`` on (of
     ``iters_per_epoch``, default ``start_iter + len(data_loader)``); ``global_step``
-    optimiser steps were done before. Before each step every param group's lr is set to
+    optimiser steps were done before (default: ``epoch * iters_per_epoch + start_iter``). Before each step every param group's lr is set to
     ``lr_at(step)`` (0-based step; None: left as it is). After each step:
     ``after_step(iterations done in the epoch, steps done)`` (iteration checkpoints; runs on
     every rank), then the loop ends when ``max_steps`` steps are done or when
@@ -141,6 +141,8 @@ def train_one_epoch(
     main = dist_utils.is_main_process()
     remaining = len(data_loader)  # type: ignore[arg-type]
     iters = iters_per_epoch if iters_per_epoch is not None else start_iter + remaining
+    if global_step is None:
+        global_step = epoch * iters + start_iter
     if max_steps is not None:
         remaining = max(0, min(remaining, max_steps - global_step))
 
