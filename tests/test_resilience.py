@@ -267,3 +267,153 @@ def test_iteration_based_run_checkpoints_rotates_and_resumes_mid_schedule(tmp_pa
     # a finished run asked to resume does nothing more
     assert train_module.run([*common, "--work-dir", str(cut), "--resume", "auto"]) == 0
     assert len([r for r in read_jsonl(cut / "log.jsonl") if r["type"] == "train"]) == 11
+
+
+# --- torchrun drills (2 CPU processes) ------------------------------------------------------
+
+DRILL = [*MICRO, "--epochs", "2", "--eval-interval", "0", "--dist-timeout", "30"]  # 4 steps per epoch
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "DBNETPP_DEBUG": ""}
+
+
+def _torchrun(work, *launcher_args, log=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher_args, str(SCRIPT), *DRILL,
+           "--work-dir", str(work), "--resume", "auto"]  # fmt: skip
+    out = open(log, "w") if log else subprocess.PIPE
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def _workers(launcher_pid):
+    """(pid, RANK) of the training processes a torchrun launcher started."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == launcher_pid:
+            rank = [e for e in env if e.startswith(b"RANK=")]
+            if rank:
+                found.append((int(entry.name), int(rank[0][5:])))
+    return sorted(found, key=lambda x: x[1])
+
+
+def _wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _logged(work, epoch, it):
+    def check():
+        try:
+            return any(r.get("type") == "train" and (r["epoch"], r["iter"]) >= (epoch, it)
+                       for r in read_jsonl(work / "log.jsonl"))  # fmt: skip
+        except (OSError, ValueError):
+            return False
+
+    return check
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("straight") / "w"
+    proc = _torchrun(work, "--standalone", "--nproc_per_node", "2")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    return read_checkpoint(work / "last.pth")
+
+
+def _finish(proc, timeout=300):
+    out, _ = proc.communicate(timeout=timeout) if proc.stdout else (None, None)
+    if out is None:
+        proc.wait(timeout)
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_drill_static_rendezvous(tmp_path, straight_run):
+    """torchrun's default (static) rendezvous: SIGKILL a worker after epoch 0; the restart joins and resumes."""
+    work, log = tmp_path / "w", tmp_path / "out.log"
+    proc = _torchrun(work, "--nproc_per_node", "2", "--max-restarts", "2", "--master-port", str(_free_port()),
+                     log=log)  # fmt: skip
+    _wait_for(lambda: (work / "last.pth").exists(), 120, "epoch 0's checkpoint")
+    os.kill(_workers(proc.pid)[1][0], signal.SIGKILL)
+    proc.wait(timeout=240)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert "resume auto: continuing from" in text and "resumed from" in text and "epoch 1, iteration 0" in text
+    assert max_weight_delta(straight_run, read_checkpoint(work / "last.pth")) <= 1e-6
+
+
+@pytest.mark.slow
+def test_sigterm_drill_c10d_rendezvous_resumes_mid_epoch(tmp_path, straight_run):
+    work, log = tmp_path / "w", tmp_path / "out.log"
+    proc = _torchrun(work, "--standalone", "--nproc_per_node", "2", "--max-restarts", "2", log=log)
+    _wait_for(_logged(work, 1, 1), 120, "epoch 1, iteration 1")
+    os.kill(_workers(proc.pid)[1][0], signal.SIGTERM)
+    proc.wait(timeout=240)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert "SIGTERM received" in text and "exiting with status 143" in text
+    resumes = [r for r in read_jsonl(work / "log.jsonl") if r["type"] == "resume" and r["from"]]
+    assert len(resumes) == 1 and resumes[0]["epoch"] == 1 and 2 <= resumes[0]["iter"] <= 4, resumes
+    assert f"epoch 1, iteration {resumes[0]['iter']}" in text
+    assert max_weight_delta(straight_run, read_checkpoint(work / "last.pth")) <= 1e-6
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_launchers(work, tmp_path, *extra):
+    port = _free_port()
+    procs = []
+    for node in (0, 1):
+        args = ["--nnodes", "2", "--node-rank", str(node), "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "two-nodes", *extra]  # fmt: skip
+        procs.append(_torchrun(work, *args, log=tmp_path / f"node{node}.log"))
+    return procs
+
+
+@pytest.mark.slow
+def test_two_launchers_equal_one_launcher_with_two_processes(tmp_path, straight_run):
+    work = tmp_path / "w"
+    procs = _two_launchers(work, tmp_path)
+    for node, proc in enumerate(procs):
+        proc.wait(timeout=240)
+        assert proc.returncode == 0, (tmp_path / f"node{node}.log").read_text()[-3000:]
+    last = read_checkpoint(work / "last.pth")
+    assert last["config"]["run"]["world_size"] == 2
+    assert max_weight_delta(straight_run, last) <= 1e-6
+
+
+@pytest.mark.slow
+def test_a_dead_rank_ends_every_process_with_a_message_naming_it(tmp_path):
+    work = tmp_path / "w"
+    procs = _two_launchers(work, tmp_path, "--max-restarts", "0")
+    _wait_for(_logged(work, 0, 1), 120, "the first steps")
+    workers = {rank: (pid, node) for node, p in enumerate(procs) for pid, rank in _workers(p.pid)}
+    victim, victim_node = workers[1]
+    killed = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    for proc in procs:
+        proc.wait(timeout=60)
+    assert time.monotonic() - killed < 30 + 15  # the collective timeout, plus the report and exit
+    assert all(p.returncode != 0 for p in procs)
+    survivor = (tmp_path / f"node{1 - victim_node}.log").read_text()
+    assert "error: rank 0 gave up at epoch" in survivor and "rank(s) 1 stopped responding" in survivor, survivor
+    for pid, _ in workers.values():
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
