@@ -6,10 +6,16 @@ A dbnetpp training checkpoint is a plain dict (loadable with
     {"model": state_dict,          # keys identical to MMOCR's (backbone., neck., det_head.)
      "model_name": str,            # builder name, e.g. "dbnetpp_resnet50_dcnv2"
      "config": dict,               # Config.to_dict() plus run facts (world size, scaled lr)
-     "epoch": int,                 # last finished epoch, 0-based
-     "optimizer": dict, "lr_scheduler": dict, "scaler": dict,
+     "epoch": int,                 # last finished epoch, 0-based (-1: none yet)
+     "iter_in_epoch": int,         # batches of the next epoch already done (mid-epoch checkpoints)
+     "global_step": int,           # optimiser steps done; the LR is a function of it
+     "optimizer": dict, "scaler": dict,
      "rng": list,                  # one RNG-state dict per rank (python, numpy, torch, cuda)
+     "sampler": list,              # one {"epoch", "position"} per rank (dbnetpp.sampler)
      "best_hmean": float}
+
+Checkpoints written before the step-based schedule also hold ``lr_scheduler``; it is
+ignored (the step count is derived from ``epoch``).
 
 ``load_model_weights`` also accepts an MMOCR checkpoint (``{"state_dict": ...}``), a
 bare state dict, or torchvision ImageNet ResNet weights (backbone only).
