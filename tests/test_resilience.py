@@ -5,6 +5,7 @@ round's keys, rotation, checkpoint discovery); the slow ones run the training sc
 in-process (single process) and under torchrun (2 CPU processes) with the drills of issue 12.
 """
 
+import contextlib
 import importlib.util
 import os
 import signal
@@ -278,9 +279,9 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "DBNETPP_DEBUG": ""}
 
 
-def _torchrun(work, *launcher_args, log=None):
+def _torchrun(work, *launcher_args, log=None, script_args=()):
     cmd = [sys.executable, "-m", "torch.distributed.run", *launcher_args, str(SCRIPT), *DRILL,
-           "--work-dir", str(work), "--resume", "auto"]  # fmt: skip
+           "--work-dir", str(work), "--resume", "auto", *script_args]  # fmt: skip
     out = open(log, "w") if log else subprocess.PIPE
     return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
 
@@ -378,13 +379,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _two_launchers(work, tmp_path, *extra):
+def _two_launchers(work, tmp_path, *extra, script_args=()):
     port = _free_port()
     procs = []
     for node in (0, 1):
         args = ["--nnodes", "2", "--node-rank", str(node), "--nproc_per_node", "1", "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "two-nodes", *extra]  # fmt: skip
-        procs.append(_torchrun(work, *args, log=tmp_path / f"node{node}.log"))
+        procs.append(_torchrun(work, *args, log=tmp_path / f"node{node}.log", script_args=script_args))
     return procs
 
 
@@ -417,3 +418,47 @@ def test_a_dead_rank_ends_every_process_with_a_message_naming_it(tmp_path):
     assert "error: rank 0 gave up at epoch" in survivor and "rank(s) 1 stopped responding" in survivor, survivor
     for pid, _ in workers.values():
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+@pytest.mark.slow
+def test_a_hung_rank_ends_the_others_after_the_timeout_naming_it(tmp_path):
+    work = tmp_path / "w"
+    procs = _two_launchers(work, tmp_path, "--max-restarts", "0", script_args=["--dist-timeout", "10"])
+    try:
+        _wait_for(_logged(work, 0, 1), 120, "the first steps")
+        workers = {rank: (pid, node) for node, p in enumerate(procs) for pid, rank in _workers(p.pid)}
+        (victim, victim_node), (survivor_pid, survivor_node) = workers[1], workers[0]
+        stopped = time.monotonic()
+        os.kill(victim, signal.SIGSTOP)  # alive but silent: a hang
+        procs[survivor_node].wait(timeout=60)
+        assert time.monotonic() - stopped < 10 + 5 + 10  # timeout, report window, exit
+        assert procs[survivor_node].returncode != 0
+        text = (tmp_path / f"node{survivor_node}.log").read_text()
+        assert "error: rank 0 gave up at epoch" in text and "rank(s) 1 stopped responding" in text, text[-3000:]
+    finally:
+        for pid, _ in _workers(procs[0].pid) + _workers(procs[1].pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_checkpoints_and_a_new_launch_resumes(tmp_path, straight_run):
+    """SLURM / Kubernetes preemption: the launcher gets SIGTERM and forwards it; the job is requeued."""
+    work, log = tmp_path / "w", tmp_path / "out.log"
+    proc = _torchrun(work, "--standalone", "--nproc_per_node", "2", log=log)
+    _wait_for(_logged(work, 0, 1), 120, "epoch 0, iteration 1")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    text = log.read_text()
+    assert proc.returncode != 0 and text.count("SIGTERM received") == 2, text[-3000:]
+    mid = read_checkpoint(work / "last.pth")
+    assert mid["epoch"] == -1 and 1 <= mid["iter_in_epoch"] <= 4 and len(mid["sampler"]) == 2
+    again = _torchrun(work, "--standalone", "--nproc_per_node", "2", log=tmp_path / "again.log")
+    again.wait(timeout=240)
+    text = (tmp_path / "again.log").read_text()
+    assert again.returncode == 0 and f"epoch 0, iteration {mid['iter_in_epoch']}" in text, text[-3000:]
+    assert max_weight_delta(straight_run, read_checkpoint(work / "last.pth")) <= 1e-6
