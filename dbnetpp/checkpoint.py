@@ -6,10 +6,16 @@ A dbnetpp training checkpoint is a plain dict (loadable with
     {"model": state_dict,          # keys identical to MMOCR's (backbone., neck., det_head.)
      "model_name": str,            # builder name, e.g. "dbnetpp_resnet50_dcnv2"
      "config": dict,               # Config.to_dict() plus run facts (world size, scaled lr)
-     "epoch": int,                 # last finished epoch, 0-based
-     "optimizer": dict, "lr_scheduler": dict, "scaler": dict,
+     "epoch": int,                 # last finished epoch, 0-based (-1: none yet)
+     "iter_in_epoch": int,         # batches of the next epoch already done (mid-epoch checkpoints)
+     "global_step": int,           # optimiser steps done; the LR is a function of it
+     "optimizer": dict, "scaler": dict,
      "rng": list,                  # one RNG-state dict per rank (python, numpy, torch, cuda)
+     "sampler": list,              # one {"epoch", "position"} per rank (dbnetpp.sampler)
      "best_hmean": float}
+
+Checkpoints written before the step-based schedule also hold ``lr_scheduler``; it is
+ignored (the step count is derived from ``epoch``).
 
 ``load_model_weights`` also accepts an MMOCR checkpoint (``{"state_dict": ...}``), a
 bare state dict, or torchvision ImageNet ResNet weights (backbone only).
@@ -222,3 +228,29 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         else:
             count = torch.cuda.device_count()
             warnings.warn(f"checkpoint has {len(states)} CUDA RNG states for {count} devices; not restored")
+
+
+# --- rotation -------------------------------------------------------------------------
+
+
+def rotate_checkpoints(work_dir: PathLike, keep_last: int, prefixes: Sequence[str] = ("epoch", "iter")) -> List[Path]:
+    """Delete all but the newest ``keep_last`` ``<prefix>_N.pth`` files of each prefix; returns the deleted.
+
+    "Newest" is the largest N (MMOCR's ``max_keep_ckpts``). ``last.pth`` and ``best.pth``
+    are never touched; they are separate links, so deleting a periodic file never
+    removes their bytes.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    deleted: List[Path] = []
+    for prefix in prefixes:
+        numbered = []
+        for p in Path(work_dir).glob(f"{prefix}_*.pth"):
+            number = p.stem[len(prefix) + 1 :]
+            if number.isdigit():
+                numbered.append((int(number), p))
+        for _, p in sorted(numbered)[:-keep_last]:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+            deleted.append(p)
+    return deleted

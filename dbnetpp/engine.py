@@ -1,10 +1,12 @@
-"""One training epoch, one evaluation pass, the optimiser and the poly LR schedule.
+"""One training epoch, one evaluation pass and the optimiser.
 
 ``train_one_epoch`` and ``evaluate`` follow torchvision's ``references/detection``:
 losses come back as a named dict summed once by the criterion, the reduced values are
 only for logging and for the non-finite check (done on the all-reduced loss, so every
 rank stops at the same iteration), autocast and the GradScaler are always present but
-disabled unless AMP is asked for, so the step has no branches.
+disabled unless AMP is asked for, so the step has no branches. The learning rate is a
+function of the optimiser step (``lr_at``, from ``dbnetpp.schedules``), set before every
+step, so a run can stop and resume at any step.
 """
 
 import math
@@ -60,44 +62,6 @@ def build_optimizer(
     raise ValueError(f"unknown optimizer {name!r}; choose sgd, adam or adamw")
 
 
-def poly_lr(base_lr: float, epoch: int, total_epochs: int, power: float = 0.9, eta_min: float = 1e-7) -> float:
-    """LR during 0-based ``epoch``: ``eta_min + (base_lr - eta_min) * (1 - epoch/total)^power``.
-
-    The closed form of mmengine's PolyLR stepped once per epoch; it stays at
-    ``eta_min`` past ``total_epochs``.
-    """
-    progress = min(max(epoch, 0), total_epochs) / total_epochs
-    return eta_min + (base_lr - eta_min) * (1.0 - progress) ** power
-
-
-class PolyLR(torch.optim.lr_scheduler.LRScheduler):
-    """Poly decay with a floor, stepped once per epoch (``scheduler.step()`` after each epoch).
-
-    Every value is the closed form ``poly_lr`` of ``last_epoch`` (no drift from chained
-    updates); ``state_dict()`` holds only plain numbers.
-    """
-
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        total_epochs: int,
-        power: float = 0.9,
-        eta_min: float = 1e-7,
-        last_epoch: int = -1,
-    ) -> None:
-        if total_epochs < 1:
-            raise ValueError(f"total_epochs must be >= 1, got {total_epochs}")
-        self.total_epochs = total_epochs
-        self.power = power
-        self.eta_min = eta_min
-        super().__init__(optimizer, last_epoch)
-
-    def get_lr(self) -> List[float]:
-        return [poly_lr(b, self.last_epoch, self.total_epochs, self.power, self.eta_min) for b in self.base_lrs]
-
-    _get_closed_form_lr = get_lr
-
-
 # --- training -----------------------------------------------------------------------
 
 
@@ -142,14 +106,33 @@ def train_one_epoch(
     logger: Optional[JsonlLogger] = None,
     start_time: Optional[float] = None,
     progress: bool = True,
-) -> Dict[str, float]:
-    """Train ``model`` for one pass over ``data_loader``; returns epoch-mean losses and timings.
+    lr_at: Optional[Callable[[int], float]] = None,
+    start_iter: int = 0,
+    global_step: Optional[int] = None,
+    iters_per_epoch: Optional[int] = None,
+    max_steps: Optional[int] = None,
+    stop_requested: Optional[Callable[[], bool]] = None,
+    after_step: Optional[Callable[[int, int], None]] = None,
+    watchdog: Optional[Any] = None,
+) -> Dict[str, Any]:
+    """Train ``model`` over ``data_loader`` (the rest of epoch ``epoch``); returns means and where it stopped.
 
     Each batch is a dict with ``images`` (or ``image``) (N, 3, S, S) and the target maps
-    (N, S, S). Every ``log_interval`` iterations rank 0 appends one ``"type": "train"``
-    record to ``logger`` (loss parts averaged over the window, lr, images/s over all
-    ranks, data vs compute seconds per iteration, elapsed seconds). Raises
-    ``NonFiniteLossError`` before the optimiser step when the loss is NaN or infinite.
+    (N, S, S). The loader yields the epoch from its batch ``start_iter`` on (of
+    ``iters_per_epoch``, default ``start_iter + len(data_loader)``); ``global_step``
+    optimiser steps were done before (default: ``epoch * iters_per_epoch + start_iter``). Before each step every param group's lr is set to
+    ``lr_at(step)`` (0-based step; None: left as it is). After each step:
+    ``after_step(iterations done in the epoch, steps done)`` (iteration checkpoints; runs on
+    every rank), then the loop ends when ``max_steps`` steps are done or when
+    ``stop_requested()`` is true on any rank. ``watchdog`` (a ``StepWatchdog``) is armed
+    for each step. Every ``log_interval`` iterations rank 0 appends one ``"type": "train"``
+    record to ``logger`` (loss parts averaged over the window, lr, images/s over all ranks,
+    data vs compute seconds per iteration, elapsed seconds). Raises ``NonFiniteLossError``
+    before the optimiser step when the loss is NaN or infinite.
+
+    Returns the epoch-mean losses (absent when no batch was left), ``images_per_s``,
+    ``data_time``, ``compute_time``, ``iterations`` (batches run now), ``iter_in_epoch``,
+    ``global_step``, ``epoch_done`` and ``stopped`` (a stop was requested).
     """
     model.train()
     if scaler is None:
@@ -157,17 +140,28 @@ def train_one_epoch(
     start_time = time.perf_counter() if start_time is None else start_time
     world_size = dist_utils.get_world_size()
     main = dist_utils.is_main_process()
-    iters = len(data_loader)  # type: ignore[arg-type]
+    remaining = len(data_loader)  # type: ignore[arg-type]
+    iters = iters_per_epoch if iters_per_epoch is not None else start_iter + remaining
+    if global_step is None:
+        global_step = epoch * iters + start_iter
+    if max_steps is not None:
+        remaining = max(0, min(remaining, max_steps - global_step))
 
     epoch_losses: Dict[str, SmoothedValue] = {}
     window: Dict[str, List[float]] = {}
     window_images, window_data, window_compute = 0, 0.0, 0.0
     window_start = time.perf_counter()
     total_data, total_compute, total_images = 0.0, 0.0, 0
+    done, stopped = 0, False
 
-    bar = tqdm(data_loader, total=iters, desc=f"epoch {epoch}", disable=not (main and progress), leave=False)
+    bar = tqdm(total=remaining, initial=0, desc=f"epoch {epoch}", disable=not (main and progress), leave=False)
     t_end = time.perf_counter()
-    for it, batch in enumerate(bar):
+    batches = iter(data_loader)
+    while done < remaining:
+        batch = next(batches)
+        it = start_iter + done  # 0-based iteration within the epoch
+        if watchdog is not None:
+            watchdog.arm(f"epoch {epoch}, iteration {it} (step {global_step})")
         t_data = time.perf_counter()
         batch = _to_device(batch, device, channels_last)
         images = batch.pop(_images_key(batch))
@@ -180,6 +174,11 @@ def train_one_epoch(
         if not math.isfinite(values["loss"]):
             raise NonFiniteLossError(epoch, it, values)
 
+        if lr_at is not None:
+            lr_now = lr_at(global_step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_now
+        lr = optimizer.param_groups[0]["lr"]
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses["loss"]).backward()
         if clip_grad is not None:
@@ -190,6 +189,9 @@ def train_one_epoch(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t_step = time.perf_counter()
+        done += 1
+        global_step += 1
+        bar.update(1)
 
         n_images = images.shape[0] * world_size
         data_s, compute_s = t_data - t_end, t_step - t_data
@@ -203,11 +205,10 @@ def train_one_epoch(
         total_images += n_images
         total_data += data_s
         total_compute += compute_s
-        lr = optimizer.param_groups[0]["lr"]
         if main and progress:
             bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}", refresh=False)
 
-        if (it + 1) % log_interval == 0 or it + 1 == iters:
+        if (it + 1) % log_interval == 0 or it + 1 == iters or done == remaining:
             n = len(window["loss"])
             wall = time.perf_counter() - window_start
             record = {
@@ -215,7 +216,7 @@ def train_one_epoch(
                 "epoch": epoch,
                 "iter": it + 1,
                 "iters": iters,
-                "step": epoch * iters + it + 1,
+                "step": global_step,
                 **{k: sum(v) / n for k, v in window.items()},
                 "lr": lr,
                 "images_per_s": window_images / wall if wall > 0 else None,
@@ -230,13 +231,27 @@ def train_one_epoch(
             window = {}
             window_images, window_data, window_compute = 0, 0.0, 0.0
             window_start = time.perf_counter()
+
+        if after_step is not None:
+            after_step(it + 1, global_step)
+        if stop_requested is not None and dist_utils.any_rank(stop_requested()):
+            stopped = True
+        if watchdog is not None:
+            watchdog.disarm()
+        if stopped:
+            break
     bar.close()
 
-    summary = {k: m.global_avg for k, m in epoch_losses.items()}
+    summary: Dict[str, Any] = {k: m.global_avg for k, m in epoch_losses.items()}
     summary.update(
         images_per_s=total_images / max(total_data + total_compute, 1e-9),
-        data_time=total_data / max(iters, 1),
-        compute_time=total_compute / max(iters, 1),
+        data_time=total_data / max(done, 1),
+        compute_time=total_compute / max(done, 1),
+        iterations=done,
+        iter_in_epoch=start_iter + done,
+        global_step=global_step,
+        epoch_done=start_iter + done >= iters,
+        stopped=stopped,
     )
     return summary
 

@@ -15,21 +15,35 @@ Several processes with torchrun (NCCL on GPUs, Gloo on the CPU):
 linearly with the total batch, lr = 0.007 * nproc * batch_size / 16 (8 GPUs x 16 images:
 0.056); ``--no-scale-lr`` keeps the configured value. The scaled LR is printed and logged.
 
-Resume exactly (model, optimiser, schedule, epoch, RNG states, AMP scaler, best H-mean):
+Resume exactly (model, optimiser, step, epoch and batch, RNG states, AMP scaler, best H-mean):
 
     python examples/train.py --data data/icdar2015 --work-dir runs/dbnetpp --resume runs/dbnetpp/last.pth
+
+On a cluster, one command line for the first start and every restart (``--resume auto``:
+the newest checkpoint in ``--work-dir`` if there is one, else a fresh start):
+
+    torchrun --nnodes 2 --nproc_per_node 8 --max-restarts 3 --rdzv-backend c10d \
+        --rdzv-endpoint $HEAD:29400 --rdzv-id $JOB examples/train.py --data data/icdar2015 \
+        --work-dir runs/dbnetpp --resume auto --save-interval-iters 500 --keep-last 3
+
+SIGTERM (preemption) stops every rank after its current iteration; rank 0 writes a
+mid-epoch ``last.pth`` and all exit with status 143, which torchrun (or the scheduler)
+answers with a restart that continues at the next batch. A rank that dies or hangs ends
+every other rank after ``--dist-timeout`` seconds with a message naming it and the step.
 
 Evaluate only:
 
     python examples/train.py --data data/icdar2015 --load-from runs/dbnetpp/best.pth --test-only
 
 Everything a run writes goes to ``--work-dir``: ``config.json``, ``log.jsonl`` (one JSON
-line per logging step and per evaluation), ``last.pth``, ``best.pth``, ``epoch_N.pth`` and
-``curves.png``.
+line per logging step, evaluation and resume), ``last.pth``, ``best.pth``, ``epoch_N.pth``,
+``iter_N.pth`` and ``curves.png``. Bad input ends with one ``error: ...`` line and status 1
+(``DBNETPP_DEBUG=1`` shows the traceback).
 """
 
 import argparse
 import json
+import math
 import os
 
 # On a shared CPU, spinning OpenMP threads stall each other (a 5x slower step was measured
@@ -46,27 +60,32 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler, Subset
 
 from dbnetpp import distributed as dist_utils
 from dbnetpp.allocator import keep_freed_memory
-from dbnetpp.checkpoint import get_rng_state, load_model_weights, read_checkpoint, save_checkpoint, set_rng_state
+from dbnetpp.checkpoint import (
+    get_rng_state,
+    load_model_weights,
+    read_checkpoint,
+    rotate_checkpoints,
+    save_checkpoint,
+    set_rng_state,
+)
 from dbnetpp.config import AMP_DTYPES, OPTIMIZERS, PRESETS, Config, get_config
 from dbnetpp.data import SyntheticText, TestDataset, TrainDataset, collate_test, collate_train, open_dataset
-from dbnetpp.engine import (
-    NonFiniteLossError,
-    PolyLR,
-    build_optimizer,
-    evaluate,
-    inference_model,
-    scaled_lr,
-    train_one_epoch,
-)
+from dbnetpp.engine import NonFiniteLossError, build_optimizer, evaluate, inference_model, scaled_lr, train_one_epoch
 from dbnetpp.loss import DBLoss
 from dbnetpp.meters import JsonlLogger, plot_log
 from dbnetpp.metric import HmeanIoU
 from dbnetpp.models.dbnet import MODEL_NAMES, build_model
 from dbnetpp.postprocess import DBPostProcessor
+from dbnetpp.preemption import PREEMPTED_EXIT_STATUS, Preempted, PreemptionHandler
+from dbnetpp.resume import check_training_checkpoint, find_resume_checkpoint, resume_position
+from dbnetpp.sampler import ResumableSampler
+from dbnetpp.schedules import lr_at_step, schedule_length
+
+from dbnetpp.pretrained import initialize
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -76,6 +95,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--work-dir", default="work_dirs/dbnetpp", help="where logs, checkpoints and plots go")
     p.add_argument("--model", default=None, choices=MODEL_NAMES, help="detector (default dbnetpp_resnet50_dcnv2)")
     p.add_argument("--epochs", type=int, default=None, help="schedule length (the poly LR uses it)")
+    p.add_argument("--max-iters", type=int, default=None,
+                   help="iteration-based run: this many optimiser steps (the schedule counts iterations)")
     p.add_argument("--batch-size", type=int, default=None, help="images per process")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None)
@@ -91,8 +112,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--test-scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"))
     p.add_argument("--synthetic-images", type=int, nargs=2, default=None, metavar=("TRAIN", "TEST"),
                    help="synthetic set sizes when there is no --data")
-    p.add_argument("--eval-interval", type=int, default=None, help="epochs between evaluations")
+    p.add_argument("--eval-interval", type=int, default=None,
+                   help="epochs (iterations with --max-iters) between evaluations; 0: never")
     p.add_argument("--save-interval", type=int, default=None, help="epochs between epoch_N.pth checkpoints")
+    p.add_argument("--save-interval-iters", type=int, default=None,
+                   help="also write iter_N.pth every N optimiser steps (N counts steps of the whole run)")
+    p.add_argument("--keep-last", type=int, default=None,
+                   help="keep only the newest K epoch_N.pth and K iter_N.pth (last.pth and best.pth stay)")
     p.add_argument("--log-interval", type=int, default=None, help="iterations between log lines")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None,
@@ -100,17 +126,40 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="base seed; each rank adds its rank")
     p.add_argument("--no-keep-memory", action="store_true",
                    help="CPU: leave glibc malloc's defaults (see dbnetpp.allocator)")
-    p.add_argument("--load-from", default=None, help="weights only: dbnetpp, MMOCR or torchvision checkpoint")
-    p.add_argument("--resume", default=None, help="a dbnetpp checkpoint to continue exactly")
+    p.add_argument("--load-from", default=None,
+                   help="initial weights only (dbnetpp, MMOCR or torchvision checkpoint); sets model.load_from")
+    p.add_argument("--no-pretrained", action="store_true",
+                   help="skip the initialisation (model.backbone_init, model.load_from) of a fresh start")
+    p.add_argument("--resume", default=None,
+                   help="a dbnetpp checkpoint to continue exactly, or 'auto': the newest in --work-dir, else fresh")
+    p.add_argument("--dist-timeout", type=float, default=dist_utils.DEFAULT_TIMEOUT_S,
+                   help="seconds a collective (or a training step) may wait for the other ranks")
     p.add_argument("--test-only", action="store_true", help="evaluate and exit")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     return p
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Reject flag combinations that cannot mean anything (ValueError)."""
+    if args.resume and args.load_from:
+        raise ValueError("--resume restores the model: drop --load-from (or --resume to start from its weights)")
+    if args.test_only and args.resume:
+        raise ValueError("--test-only evaluates --load-from weights; it does not take --resume")
+    if args.max_iters is not None and args.epochs is not None:
+        raise ValueError("--max-iters makes the run iteration-based: drop --epochs")
+    if args.dist_timeout <= 0:
+        raise ValueError(f"--dist-timeout must be > 0, got {args.dist_timeout}")
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     return get_config(
         args.preset,
-        model={"name": args.model, "sync_bn": args.sync_bn or None, "channels_last": args.channels_last or None},
+        model={
+            "name": args.model,
+            "sync_bn": args.sync_bn or None,
+            "channels_last": args.channels_last or None,
+            "load_from": args.load_from,
+        },
         data={
             "root": args.data,
             "workers": args.workers,
@@ -131,6 +180,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
             "amp": args.amp,
             "eval_interval": args.eval_interval,
             "save_interval": args.save_interval,
+            "max_iters": args.max_iters,
+            "save_interval_iters": args.save_interval_iters,
+            "keep_last": args.keep_last,
             "keep_memory": False if args.no_keep_memory else None,
             "log_interval": args.log_interval,
             "seed": args.seed,
@@ -199,18 +251,45 @@ def set_threads(info: dist_utils.DistInfo, threads: Optional[int]) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
 
 
+def initialize_model(
+    model: nn.Module, cfg: Config, info: dist_utils.DistInfo, progress: bool, pretrained: bool, load_from: Optional[str]
+) -> None:
+    """MMOCR's start: cfg.model.backbone_init, then cfg.model.load_from (``load_from``, the user's
+    --load-from, replaces the recipe's; ``pretrained=False`` skips the recipe's files). Rank 0
+    goes first (it downloads), the others follow from the cache."""
+    messages = initialize(model, cfg, pretrained=pretrained, progress=progress, load_from=load_from) if info.is_main else []
+    dist_utils.barrier()
+    if not info.is_main:
+        initialize(model, cfg, pretrained=pretrained, progress=False, load_from=load_from)
+    for message in messages:
+        print(message)
+
+
+def resolve_resume(args: argparse.Namespace, info: dist_utils.DistInfo) -> Optional[str]:
+    """The checkpoint to continue from: ``--resume`` as given, or for 'auto' rank 0's pick (or None)."""
+    if args.resume != "auto":
+        return args.resume
+    found = find_resume_checkpoint(args.work_dir) if info.is_main else None
+    found = dist_utils.broadcast_object(None if found is None else str(found))
+    if info.is_main:
+        print(f"resume auto: continuing from {found}" if found else f"resume auto: no checkpoint in {args.work_dir}, "
+              "starting fresh")
+    return found
+
+
 def main(args: argparse.Namespace) -> Dict[str, Any]:
     """Train (or only evaluate) as ``args`` say; returns the last evaluation (may be empty)."""
     start_time = time.perf_counter()
-    info = dist_utils.init_distributed(args.device)
+    check_args(args)
+    cfg = config_from_args(args)  # bad values fail before any process group exists
+    info = dist_utils.init_distributed(args.device, timeout_s=args.dist_timeout)
     try:
-        return _run(args, info, start_time)
+        return _run(args, cfg, info, start_time)
     finally:
         dist_utils.cleanup()
 
 
-def _run(args: argparse.Namespace, info: dist_utils.DistInfo, start_time: float) -> Dict[str, Any]:
-    cfg = config_from_args(args)
+def _run(args: argparse.Namespace, cfg: Config, info: dist_utils.DistInfo, start_time: float) -> Dict[str, Any]:
     device = info.device
     set_threads(info, args.threads)
     seed_everything(cfg.train.seed + info.rank)
@@ -221,14 +300,23 @@ def _run(args: argparse.Namespace, info: dist_utils.DistInfo, start_time: float)
         raise ValueError("--amp fp16 needs CUDA (use --amp bf16 on the CPU)")
     if cfg.model.sync_bn and device.type != "cuda" and info.world_size > 1:
         raise ValueError("--sync-bn needs CUDA: torch's SyncBatchNorm does not run on the CPU")
+    if cfg.data.root is not None and not Path(cfg.data.root).is_dir():
+        raise FileNotFoundError(f"--data: no such directory: {cfg.data.root}")
 
     work_dir = Path(args.work_dir)
     if info.is_main:
         work_dir.mkdir(parents=True, exist_ok=True)
     logger = JsonlLogger(work_dir / "log.jsonl" if info.is_main else None)
 
-    # LR: linear scaling by the total batch
+    # resume: read (and check) the checkpoint before anything slow happens
+    resume_from = resolve_resume(args, info)
+    checkpoint = read_checkpoint(resume_from) if resume_from else None
+    if checkpoint is not None:
+        check_training_checkpoint(checkpoint, resume_from)
+
+    # LR: linear scaling by the total batch; every step's value comes from the schedule
     total_batch = cfg.train.batch_size * info.world_size
+    lr_scale = total_batch / cfg.train.base_batch_size if cfg.train.scale_lr else 1.0
     lr = scaled_lr(cfg.train.lr, total_batch, cfg.train.base_batch_size) if cfg.train.scale_lr else cfg.train.lr
     run_facts = {
         "world_size": info.world_size,
@@ -256,27 +344,24 @@ def _run(args: argparse.Namespace, info: dist_utils.DistInfo, start_time: float)
     )
     if train_source is not None:
         train_set = TrainDataset(train_source, size=cfg.data.train_size, seed=cfg.train.seed)
-        if distributed:
-            train_sampler = DistributedSampler(train_set, shuffle=True, seed=cfg.train.seed)
-        else:
-            train_sampler = RandomSampler(train_set)
-        # No persistent workers: a new iterator per epoch draws its seeds from the restored RNG
-        # in a resumed run exactly as in an uninterrupted one (persistent ones draw them once).
+        # DistributedSampler's order, in one process too, and able to start an epoch part-way
+        train_sampler = ResumableSampler(len(train_set), info.world_size, info.rank, shuffle=True, seed=cfg.train.seed)
+        # The loader draws its workers' base seed from its own generator, re-seeded every epoch:
+        # a run resumed mid-epoch gets the same seeds and leaves the global RNG as it was saved.
+        # No persistent workers: each epoch's iterator starts from that seed.
+        loader_rng = torch.Generator()
         train_loader = DataLoader(
-            train_set, batch_size=cfg.train.batch_size, sampler=train_sampler, collate_fn=collate_train, **loader_kwargs
-        )
+            train_set, batch_size=cfg.train.batch_size, sampler=train_sampler, collate_fn=collate_train,
+            generator=loader_rng, **loader_kwargs,
+        )  # fmt: skip
+        iters_per_epoch = math.ceil(train_sampler.num_samples / cfg.train.batch_size)
 
     # model
     model = build_model(cfg.model.name)
-    if args.load_from and args.resume:
-        warnings.warn("--resume restores the model: --load-from is ignored")
-    elif args.load_from:
-        fmt = load_model_weights(model, args.load_from)
-        if info.is_main:
-            print(f"loaded weights ({fmt}) from {args.load_from}")
-    checkpoint = read_checkpoint(args.resume) if args.resume else None
     if checkpoint is not None:
         load_model_weights(model, checkpoint)
+    else:
+        initialize_model(model, cfg, info, progress, pretrained=not args.no_pretrained, load_from=args.load_from)
     model.to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -287,21 +372,18 @@ def _run(args: argparse.Namespace, info: dist_utils.DistInfo, start_time: float)
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     optimizer = build_optimizer(model_without_ddp, cfg.train.optimizer, lr, cfg.train.momentum, cfg.train.weight_decay)
-    lr_scheduler = PolyLR(optimizer, cfg.train.epochs, power=cfg.train.lr_power, eta_min=cfg.train.lr_min)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
     criterion = DBLoss()
-    postprocessor = DBPostProcessor(text_repr_type="quad", epsilon_ratio=0.002)
+    postprocessor = DBPostProcessor(text_repr_type=cfg.model.text_repr_type, epsilon_ratio=cfg.model.epsilon_ratio)
 
-    start_epoch, best_hmean = 0, -1.0
+    start_epoch, start_iter, global_step, best_hmean = 0, 0, 0, -1.0
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-        if lr_scheduler.total_epochs != cfg.train.epochs:
-            warnings.warn(f"schedule length {lr_scheduler.total_epochs} in the checkpoint, {cfg.train.epochs} now")
-            lr_scheduler.total_epochs = cfg.train.epochs
+        optimizer.load_state_dict(checkpoint["optimizer"])  # an old "lr_scheduler" entry is not needed
         if checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch = int(checkpoint["epoch"]) + 1
+        start_epoch, start_iter, global_step = resume_position(
+            checkpoint, iters_per_epoch, info.rank, info.world_size
+        )
         best_hmean = float(checkpoint.get("best_hmean", -1.0))
         rng = checkpoint.get("rng") or []
         if len(rng) == info.world_size:
@@ -309,7 +391,11 @@ def _run(args: argparse.Namespace, info: dist_utils.DistInfo, start_time: float)
         else:
             warnings.warn(f"checkpoint has RNG states for {len(rng)} processes, this run has {info.world_size}")
         if info.is_main:
-            print(f"resumed from {args.resume}: epoch {start_epoch}, best H-mean {best_hmean:.4f}")
+            print(f"resumed from {resume_from}: epoch {start_epoch}, iteration {start_iter}, step {global_step}, "
+                  f"best H-mean {best_hmean:.4f}")
+    if args.resume and info.is_main:
+        logger.log({"type": "resume", "from": resume_from, "epoch": start_epoch, "iter": start_iter,
+                    "step": global_step})
 
     def run_evaluation(epoch: int) -> Dict[str, Any]:
         result = evaluate(
@@ -332,72 +418,157 @@ def _run(args: argparse.Namespace, info: dist_utils.DistInfo, start_time: float)
     if args.test_only:
         return run_evaluation(start_epoch - 1)
 
-    result: Dict[str, Any] = {}
-    for epoch in range(start_epoch, cfg.train.epochs):
-        if isinstance(train_sampler, DistributedSampler):
-            train_sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        summary = train_one_epoch(
-            model,
-            criterion,
-            optimizer,
-            train_loader,
-            device,
-            epoch,
-            scaler=scaler,
-            amp=cfg.train.amp,
-            clip_grad=cfg.train.clip_grad,
-            channels_last=cfg.model.channels_last,
-            log_interval=cfg.train.log_interval,
-            logger=logger,
-            start_time=start_time,
-            progress=progress,
-        )
-        lr_scheduler.step()
-        if info.is_main:
-            print(f"epoch {epoch}: loss {summary['loss']:.4f}, {summary['images_per_s']:.1f} images/s, "
-                  f"{time.perf_counter() - start_time:.0f} s")
+    def save(epoch: int, iter_in_epoch: int, step: int, names: List[str], finished: bool) -> Optional[Path]:
+        """Checkpoint after ``iter_in_epoch`` batches of ``epoch`` and ``step`` optimiser steps, to
+        last.pth plus ``names``; ``finished``: the epoch is over (evaluated, saved), else a resume
+        continues it at batch ``iter_in_epoch``. A collective: every rank calls it."""
+        full = finished
+        per_rank = {"rng": get_rng_state(), "sampler": train_sampler.state(0)}
+        per_rank["sampler"]["position"] = min(iter_in_epoch * cfg.train.batch_size, train_sampler.num_samples)
+        gathered = dist_utils.all_gather_object(per_rank)  # every rank's, for an exact resume
+        if not info.is_main:
+            return None
+        state = {
+            "model": model_without_ddp.state_dict(),
+            "model_name": cfg.model.name,
+            "config": config,
+            "epoch": epoch if full else epoch - 1,  # last finished epoch
+            "iter_in_epoch": 0 if full else iter_in_epoch,  # batches of the next epoch already done
+            "global_step": step,
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": [g["rng"] for g in gathered],
+            "sampler": [g["sampler"] for g in gathered],
+            "best_hmean": best_hmean,
+        }
+        save_checkpoint(state, [work_dir / "last.pth", *(work_dir / n for n in names)])
+        if cfg.train.keep_last is not None:
+            rotate_checkpoints(work_dir, cfg.train.keep_last)
+        return work_dir / "last.pth"
 
-        done = epoch + 1
-        is_best = False
-        if done % cfg.train.eval_interval == 0 or done == cfg.train.epochs:
+    iteration_based = cfg.train.max_iters is not None
+    total_steps = schedule_length(cfg, iters_per_epoch)
+    eval_every = cfg.train.eval_interval
+
+    def lr_at(step: int) -> float:
+        return lr_at_step(cfg, step, iters_per_epoch) * lr_scale
+
+    def after_step(iter_in_epoch: int, step: int) -> None:
+        nonlocal result, best_hmean
+        every = cfg.train.save_interval_iters
+        if every is not None and step % every == 0 and step < total_steps:
+            save(epoch, iter_in_epoch, step, [f"iter_{step}.pth"], finished=False)
+        if iteration_based and eval_every > 0 and (step % eval_every == 0 or step == total_steps):
             result = run_evaluation(epoch)
-            is_best = result["hmean"] > best_hmean
-            best_hmean = max(best_hmean, result["hmean"])
+            if result["hmean"] > best_hmean:
+                best_hmean = result["hmean"]
+                save(epoch, iter_in_epoch, step, ["best.pth"], finished=False)
 
-        rng = dist_utils.all_gather_object(get_rng_state())  # every rank's, for an exact resume
-        if info.is_main:
-            state = {
-                "model": model_without_ddp.state_dict(),
-                "model_name": cfg.model.name,
-                "config": config,
-                "epoch": epoch,
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": rng,
-                "best_hmean": best_hmean,
-            }
-            paths = [work_dir / "last.pth"]
-            if is_best:
-                paths.append(work_dir / "best.pth")
-            if done % cfg.train.save_interval == 0:
-                paths.append(work_dir / f"epoch_{done}.pth")
-            save_checkpoint(state, paths)
-            plot_log(work_dir / "log.jsonl", work_dir / "curves.png")
+    preemption = PreemptionHandler(rank=info.rank).install()
+    watchdog = dist_utils.StepWatchdog(info.rank, args.dist_timeout, enabled=distributed)
+    result: Dict[str, Any] = {}
+    epoch = start_epoch
+    try:
+        while global_step < total_steps and (iteration_based or epoch < cfg.train.epochs):
+            train_sampler.set_epoch(epoch, start=min(start_iter * cfg.train.batch_size, train_sampler.num_samples))
+            train_set.set_epoch(epoch)
+            loader_rng.manual_seed(cfg.train.seed * 1_000_003 + epoch * 7919 + info.rank)
+            summary = train_one_epoch(
+                model,
+                criterion,
+                optimizer,
+                train_loader,
+                device,
+                epoch,
+                scaler=scaler,
+                amp=cfg.train.amp,
+                clip_grad=cfg.train.clip_grad,
+                channels_last=cfg.model.channels_last,
+                log_interval=cfg.train.log_interval,
+                logger=logger,
+                start_time=start_time,
+                progress=progress,
+                lr_at=lr_at,
+                start_iter=start_iter,
+                global_step=global_step,
+                iters_per_epoch=iters_per_epoch,
+                max_steps=total_steps,
+                stop_requested=lambda: preemption.requested,
+                after_step=after_step,
+                watchdog=watchdog,
+            )
+            global_step, start_iter = summary["global_step"], 0
+            if info.is_main and summary["iterations"]:
+                print(f"epoch {epoch}: loss {summary['loss']:.4f}, {summary['images_per_s']:.1f} images/s, "
+                      f"{time.perf_counter() - start_time:.0f} s")
+            if summary["stopped"]:
+                # a half-done epoch, or a whole one not yet evaluated and saved: resume redoes the rest
+                where = f"epoch {epoch}, iteration {summary['iter_in_epoch']} (step {global_step})"
+                path = save(epoch, summary["iter_in_epoch"], global_step, [], finished=False)
+                raise Preempted(str(path) if path else None, where)
+            if not summary["epoch_done"]:  # iteration-based run ended part-way through an epoch
+                save(epoch, summary["iter_in_epoch"], global_step, [], finished=False)
+                break
+
+            done = epoch + 1
+            is_best = False
+            if not iteration_based and eval_every > 0 and (done % eval_every == 0 or done == cfg.train.epochs):
+                result = run_evaluation(epoch)
+                is_best = result["hmean"] > best_hmean
+                best_hmean = max(best_hmean, result["hmean"])
+            names = ["best.pth"] if is_best else []
+            if not iteration_based and done % cfg.train.save_interval == 0:
+                names.append(f"epoch_{done}.pth")
+            save(epoch, iters_per_epoch, global_step, names, finished=True)
+            if info.is_main:
+                plot_log(work_dir / "log.jsonl", work_dir / "curves.png")
+            epoch += 1
+    except (NonFiniteLossError, Preempted):
+        raise
+    except RuntimeError as e:
+        if not distributed:
+            raise
+        # a peer died or hangs (Gloo raises at once or after the timeout): name it and the step
+        raise RankFailure(dist_utils.report_failure(info.rank, watchdog.where, _one_line(e))) from e
+    finally:
+        watchdog.disarm()
+        preemption.restore()
 
     if info.is_main:
+        plot_log(work_dir / "log.jsonl", work_dir / "curves.png")
         print(f"done in {time.perf_counter() - start_time:.0f} s; best H-mean {best_hmean:.4f}; outputs in {work_dir}")
     return result
 
 
+class RankFailure(RuntimeError):
+    """Another rank died or hangs; the message names it and the step."""
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
 def run(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry: parse, train; exit status 1 (and a message) on a non-finite loss."""
+    """Command-line entry: parse, train; returns the exit status.
+
+    0 when done; 143 after a SIGTERM (checkpoint written: torchrun's restart continues with
+    ``--resume auto``); 1 with one ``error: ...`` line on bad input, a non-finite loss or a
+    lost rank (``DBNETPP_DEBUG=1``: the traceback instead).
+    """
     args = get_args_parser().parse_args(argv)
     try:
         main(args)
+    except Preempted as e:
+        print(f"preempted: {e}; exiting with status {PREEMPTED_EXIT_STATUS} to be restarted", file=sys.stderr)
+        return PREEMPTED_EXIT_STATUS
     except NonFiniteLossError as e:
         print(f"error: {e}; the last good checkpoint is {Path(args.work_dir) / 'last.pth'}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:  # CheckpointError is a ValueError
+        if os.environ.get("DBNETPP_DEBUG"):
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
         return 1
     return 0
 

@@ -225,3 +225,15 @@ def test_init_distributed_rejects_bad_devices():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             du.init_distributed("cuda")
+
+
+def test_failure_helpers_in_one_process(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    assert du.any_rank(True) is True and du.any_rank(False) is False
+    assert du.report_failure(0, "epoch 2, iteration 5 (step 21)") == "rank 0 gave up at epoch 2, iteration 5 (step 21)"
+    dog = du.StepWatchdog(0, 5.0, enabled=False)
+    dog.arm("epoch 0, iteration 0 (step 0)")
+    assert dog.where == "epoch 0, iteration 0 (step 0)"
+    dog.disarm()
+    with pytest.raises(ValueError, match="timeout_s"):
+        du.init_distributed("cpu", timeout_s=0)

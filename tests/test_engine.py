@@ -8,65 +8,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dbnetpp.engine import (
     NonFiniteLossError,
-    PolyLR,
     _padding_flags,
     build_optimizer,
     evaluate,
-    poly_lr,
     scaled_lr,
     train_one_epoch,
 )
 from dbnetpp.metric import HmeanIoU
-
-
-def mmengine_chained_poly(base_lr, total, power, eta_min, epochs):
-    """mmengine PolyLR's recursive update, one step per epoch (independent of the closed form)."""
-    lrs, lr = [], base_lr
-    for e in range(epochs):
-        lrs.append(lr)
-        if e < total:
-            lr = (lr - eta_min) * (1 - 1 / (total - e)) ** power + eta_min
-    return lrs
-
-
-def test_poly_schedule_matches_closed_form_and_mmengine_recursion():
-    model = nn.Linear(2, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.007, momentum=0.9)
-    scheduler = PolyLR(optimizer, total_epochs=1200, power=0.9, eta_min=1e-7)
-    seen = []
-    for _ in range(1200):
-        seen.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    closed = [1e-7 + (0.007 - 1e-7) * (1 - e / 1200) ** 0.9 for e in range(1200)]
-    chained = mmengine_chained_poly(0.007, 1200, 0.9, 1e-7, 1200)
-    np.testing.assert_allclose(seen, closed, rtol=1e-12, atol=0)
-    np.testing.assert_allclose(seen, chained, rtol=1e-9, atol=1e-15)
-    assert seen[0] == 0.007
-    assert seen[600] == pytest.approx(1e-7 + (0.007 - 1e-7) * 0.5**0.9, rel=1e-12)
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-7)  # after the last epoch: the floor
-    assert poly_lr(0.007, 5000, 1200) == pytest.approx(1e-7)  # never negative past the end
-
-
-def test_poly_schedule_uses_the_overridden_length_and_resumes_from_state():
-    model = nn.Linear(2, 2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.014)
-    sched = PolyLR(opt, total_epochs=10)
-    for _ in range(4):
-        opt.step()
-        sched.step()
-    assert opt.param_groups[0]["lr"] == pytest.approx(1e-7 + (0.014 - 1e-7) * 0.6**0.9, rel=1e-12)
-    state = sched.state_dict()
-    assert all(isinstance(v, (int, float, bool, list, type(None))) for v in state.values())
-
-    opt2 = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.014)
-    sched2 = PolyLR(opt2, total_epochs=10)
-    sched2.load_state_dict(state)
-    opt2.step()
-    sched2.step()
-    opt.step()
-    sched.step()
-    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
 
 
 def test_scaled_lr_is_linear_in_total_batch():
@@ -147,6 +95,43 @@ def test_train_one_epoch_logs_every_interval_and_returns_means():
     # epoch mean = mean of the window means weighted by window length
     weighted = (2 * log.records[0]["loss"] + 2 * log.records[1]["loss"] + log.records[2]["loss"]) / 5
     assert summary["loss"] == pytest.approx(weighted)
+
+
+def test_lr_is_set_before_every_step_and_the_loop_stops_where_asked():
+    torch.manual_seed(0)
+    model = Linear2d()
+    opt = torch.optim.SGD(model.parameters(), lr=123.0)
+    used, calls = [], []
+
+    class SpySGD(torch.optim.SGD):
+        def step(self, closure=None):
+            used.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    opt = SpySGD(model.parameters(), lr=123.0)
+    log = Recorder()
+    summary = train_one_epoch(
+        model, NaNAt(-1), opt, batches(6), torch.device("cpu"), 2, log_interval=1, logger=log, progress=False,
+        lr_at=lambda s: 0.1 / (s + 1), start_iter=3, global_step=20, iters_per_epoch=9, max_steps=25,
+        after_step=lambda it, step: calls.append((it, step)),
+    )  # fmt: skip
+    # steps 20..24 (max_steps 25 stops after 5 of the 6 batches), each with lr_at(step)
+    assert used == [0.1 / (s + 1) for s in range(20, 25)]
+    assert [r["lr"] for r in log.records] == used
+    assert [(r["iter"], r["step"], r["iters"]) for r in log.records] == [(i + 1, s + 1, 9) for i, s in
+                                                                         zip(range(3, 8), range(20, 25))]
+    assert calls == [(i + 1, s + 1) for i, s in zip(range(3, 8), range(20, 25))]
+    assert (summary["iterations"], summary["iter_in_epoch"], summary["global_step"]) == (5, 8, 25)
+    assert not summary["epoch_done"] and not summary["stopped"]
+
+    flags = iter([False, True, False])
+    summary = train_one_epoch(
+        model, NaNAt(-1), opt, batches(6), torch.device("cpu"), 0, progress=False, stop_requested=lambda: next(flags)
+    )
+    assert (summary["iterations"], summary["stopped"], summary["epoch_done"]) == (2, True, False)
+    summary = train_one_epoch(model, NaNAt(-1), opt, [], torch.device("cpu"), 4, start_iter=6, iters_per_epoch=6,
+                              progress=False)  # fmt: skip
+    assert (summary["iterations"], summary["epoch_done"], summary["global_step"]) == (0, True, 30)
 
 
 def test_nan_loss_stops_before_the_step_naming_epoch_and_iteration():

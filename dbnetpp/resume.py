@@ -1,0 +1,78 @@
+"""Which checkpoint a run continues from, and where in the schedule it continues.
+
+``--resume auto`` makes the same command line serve the first start and every restart:
+``find_resume_checkpoint`` returns the newest complete training checkpoint of the work
+directory (writes are atomic, so every ``*.pth`` there is complete; unreadable ones are
+skipped with a warning), or None for a fresh start. ``resume_position`` turns a
+checkpoint into (epoch, iteration within it, optimiser steps done), for end-of-epoch
+checkpoints, mid-epoch ones (preemption, ``iter_N.pth``) and those written before the
+step count was recorded.
+"""
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any, List, Mapping, Optional, Tuple, Union
+
+from .checkpoint import CheckpointError, read_checkpoint
+
+__all__ = ["TRAINING_KEYS", "find_resume_checkpoint", "check_training_checkpoint", "resume_position"]
+
+TRAINING_KEYS = ("model", "model_name", "optimizer", "epoch")
+_PERIODIC = re.compile(r"^(epoch|iter)_(\d+)\.pth$")
+
+
+def _candidates(work_dir: Path) -> List[Path]:
+    files = [p for p in work_dir.glob("*.pth") if p.name == "last.pth" or _PERIODIC.match(p.name)]
+    # newest first; last.pth wins ties (every save writes it together with the periodic file)
+    return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.pth"), reverse=True)
+
+
+def find_resume_checkpoint(work_dir: Union[str, Path]) -> Optional[Path]:
+    """The newest readable training checkpoint (last.pth, iter_N.pth, epoch_N.pth) or None."""
+    work_dir = Path(work_dir)
+    if not work_dir.is_dir():
+        return None
+    for path in _candidates(work_dir):
+        try:
+            check_training_checkpoint(read_checkpoint(path), path)
+        except (OSError, CheckpointError) as e:
+            warnings.warn(f"--resume auto skips {path}: {e}")
+            continue
+        return path
+    return None
+
+
+def check_training_checkpoint(ckpt: Mapping[str, Any], source: Union[str, Path]) -> None:
+    """Raise CheckpointError unless ``ckpt`` is a dbnetpp training checkpoint."""
+    missing = [k for k in TRAINING_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{source} is not a dbnetpp training checkpoint (no {', '.join(missing)}); "
+            "to start from its weights use --load-from"
+        )
+
+
+def resume_position(ckpt: Mapping[str, Any], iters_per_epoch: int, rank: int, world_size: int) -> Tuple[int, int, int]:
+    """(epoch to run next, batches of it already done, optimiser steps done) after ``ckpt``.
+
+    ``ckpt["epoch"]`` is the last finished epoch; a mid-epoch checkpoint adds
+    ``iter_in_epoch`` and each rank's sampler position (``sampler``). When the number of
+    ranks changed, a half-done epoch restarts from its beginning (with a warning).
+    """
+    epoch = int(ckpt["epoch"]) + 1
+    iter_in_epoch = int(ckpt.get("iter_in_epoch", 0))
+    step = int(ckpt.get("global_step", epoch * iters_per_epoch + iter_in_epoch))
+    if iter_in_epoch == 0:
+        return epoch, 0, step
+    samplers = ckpt.get("sampler") or []
+    if len(samplers) != world_size:
+        warnings.warn(
+            f"the checkpoint was written by {len(samplers)} processes, this run has {world_size}: "
+            f"epoch {epoch} restarts from its first batch"
+        )
+        return epoch, 0, step - iter_in_epoch
+    state = samplers[rank]
+    if int(state["epoch"]) != epoch:
+        raise CheckpointError(f"sampler state is for epoch {state['epoch']}, the checkpoint resumes epoch {epoch}")
+    return epoch, iter_in_epoch, step
