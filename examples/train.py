@@ -59,6 +59,7 @@ from dbnetpp.engine import (
     build_optimizer,
     evaluate,
     inference_model,
+    make_grad_scaler,
     scaled_lr,
     train_one_epoch,
 )
@@ -285,7 +286,7 @@ def _run(args: argparse.Namespace, info: dist_utils.DistInfo, start_time: float)
 
     optimizer = build_optimizer(model_without_ddp, cfg.train.optimizer, lr, cfg.train.momentum, cfg.train.weight_decay)
     lr_scheduler = PolyLR(optimizer, cfg.train.epochs, power=cfg.train.lr_power, eta_min=cfg.train.lr_min)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+    scaler = make_grad_scaler(device, enabled=cfg.train.amp == "fp16")
     criterion = DBLoss()
     postprocessor = DBPostProcessor(text_repr_type="quad", epsilon_ratio=0.002)
 
