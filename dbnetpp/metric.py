@@ -217,7 +217,9 @@ class HmeanIoU:
             gt_polygons: ground-truth polygons, same format.
             gt_ignore: one bool per ground-truth polygon, True for ``###``.
         """
-        scores = np.asarray(_to_numpy(pred_scores), dtype=np.float32).reshape(-1)
+        # float32 like MMOCR's scores, then compared in float64 whatever numpy's promotion rules
+        # (numpy 1.x would compare a float32 array with a float64 scalar in float32)
+        scores = np.asarray(_to_numpy(pred_scores), dtype=np.float32).reshape(-1).astype(np.float64)
         ignore = np.asarray(_to_numpy(gt_ignore), dtype=bool).reshape(-1)
         if len(scores) != len(pred_polygons):
             raise ValueError(f"HmeanIoU.update: {len(pred_polygons)} predicted polygons but {len(scores)} scores")

@@ -385,3 +385,29 @@ def test_read_image_errors(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(ValueError, match="empty.png"):
         read_image(empty)
+
+
+class _RunsCode:
+    """Unpickling this would call print (any function): the safe loaders must not."""
+
+    def __reduce__(self):
+        return (print, ("unpickled code ran",))
+
+
+def test_zoo_checkpoint_without_torch_2_5_unsafe_globals_api(tmp_path, monkeypatch, capsys):
+    """torch 2.1 ... 2.4 have no get_unsafe_globals_in_checkpoint / safe_globals: the allow-list
+    unpickler loads the tensors, turns foreign objects into stand-ins and runs nothing."""
+    import torch.serialization
+
+    from dbnetpp.weights import load_state_dict_file
+
+    net = build_model("dbnet_resnet18_tiny")
+    path = tmp_path / "zoo.pth"
+    torch.save({"meta": {"seed": np.int64(3), "hook": _RunsCode()}, "state_dict": net.state_dict()}, path)
+    monkeypatch.delattr(torch.serialization, "get_unsafe_globals_in_checkpoint", raising=False)
+    loaded = load_state_dict_file(path)
+    assert "unpickled code ran" not in capsys.readouterr().out
+    assert type(loaded["meta"]["hook"]).__name__ == "_Opaque"
+    state = loaded["state_dict"]
+    assert state.keys() == net.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
