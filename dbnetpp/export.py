@@ -68,13 +68,13 @@ def export_onnx(
     """
     if height <= 0 or width <= 0 or height % SIZE_DIVISOR or width % SIZE_DIVISOR:
         raise ValueError(f"height and width must be positive multiples of {SIZE_DIVISOR}, got {height}x{width}")
-    _check_torch_version()
     num_dcn = _num_dcn(model)
     if num_dcn and opset < MIN_DCN_OPSET:
         raise ValueError(
             f"the model has {num_dcn} deformable convolutions: ONNX DeformConv needs opset >= {MIN_DCN_OPSET}, "
             f"got {opset} (or export the DCN-free 'dbnetpp_resnet50')"
         )
+    _check_torch_version()
     path = os.fspath(path)
     net = _for_export(model)
     example = torch.zeros(1, 3, height, width)

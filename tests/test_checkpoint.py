@@ -36,7 +36,9 @@ def full_checkpoint(model, epoch=3):
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)
+    # GradScaler(init_scale=1024).state_dict(), written out: torch.amp.GradScaler needs torch >= 2.3
+    scaler_state = {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                    "_growth_tracker": 0}
     return {
         "model": model.state_dict(),
         "model_name": model.name,
@@ -44,7 +46,7 @@ def full_checkpoint(model, epoch=3):
         "epoch": epoch,
         "optimizer": optimizer.state_dict(),
         "lr_scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
+        "scaler": scaler_state,
         "rng": [get_rng_state()],
         "best_hmean": 0.25,
     }
