@@ -10,8 +10,10 @@
 clockwise) or ``res_<stem>.json`` (float points and scores). ``eval --predictions`` scores
 such files against the ground truth. ``eval --save-predictions DIR`` writes ``res_<stem>.txt``
 files with exact points and the score as a ninth value (``--save-format rrc``: plain integer
-Robust Reading lines), which ``eval --predictions DIR`` scores to the same P / R / H-mean. Bad input (missing or unreadable files, weights of
-another model, an empty folder) ends with one ``error: ...`` line on stderr and exit status 1;
+Robust Reading lines), which ``eval --predictions DIR`` scores to the same P / R / H-mean.
+``eval --batch-size N`` batches only images of the same padded size, so results do not depend
+on it. Bad input (missing or unreadable files, weights of another model, an empty folder) ends
+with one ``error: ...`` line on stderr and exit status 1;
 set ``DBNETPP_DEBUG=1`` to get the traceback instead.
 """
 
