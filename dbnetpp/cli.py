@@ -10,8 +10,12 @@
 ``detect`` writes, per image, ``vis_<stem>.jpg`` (polygons and scores drawn) and
 ``res_<stem>.txt`` (Robust Reading: one ``x1,y1,...,xK,yK`` line per text, integer pixels,
 clockwise) or ``res_<stem>.json`` (float points and scores). ``eval --predictions`` scores
-such files against the ground truth. Bad input (missing or unreadable files, weights of
-another model, an empty folder) ends with one ``error: ...`` line on stderr and exit status 1;
+such files against the ground truth. ``eval --save-predictions DIR`` writes ``res_<stem>.txt``
+files with exact points and the score as a ninth value (``--save-format rrc``: plain integer
+Robust Reading lines), which ``eval --predictions DIR`` scores to the same P / R / H-mean.
+``eval --batch-size N`` batches only images of the same padded size, so results do not depend
+on it. Bad input (missing or unreadable files, weights of another model, an empty folder) ends
+with one ``error: ...`` line on stderr and exit status 1;
 set ``DBNETPP_DEBUG=1`` to get the traceback instead.
 """
 
@@ -80,10 +84,23 @@ def format_polygon(polygon: np.ndarray) -> str:
 
 
 def write_result_file(
-    path: Path, detections: Sequence[Tuple[np.ndarray, float]], fmt: str = "txt", image: Optional[str] = None
+    path: Path,
+    detections: Sequence[Tuple[np.ndarray, float]],
+    fmt: str = "txt",
+    image: Optional[str] = None,
+    with_scores: bool = False,
 ) -> None:
-    """Write one image's detections as ``res_<stem>.txt`` (Robust Reading) or ``.json``."""
-    if fmt == "txt":
+    """Write one image's detections as ``res_<stem>.txt`` (Robust Reading) or ``.json``.
+
+    ``with_scores`` (txt only): exact float points and the score as the last value
+    (``dbnetpp.submission.format_scored_line``), which ``eval --predictions`` scores exactly as
+    the run that wrote them; without it, plain integer Robust Reading lines.
+    """
+    if fmt == "txt" and with_scores:
+        from dbnetpp.submission import format_scored_line
+
+        text = "".join(format_scored_line(poly, score) + "\n" for poly, score in detections)
+    elif fmt == "txt":
         text = "".join(format_polygon(poly) + "\n" for poly, _ in detections)
     else:
         record = {
@@ -282,7 +299,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 polygons, scores = [p for p, _ in detections], [s for _, s in detections]
                 metric.update(polygons, scores, sample["polygons"], sample["ignore"])
                 if save_dir is not None:
-                    write_result_file(save_dir / f"res_{Path(sample['path']).stem}.txt", detections)
+                    write_result_file(
+                        save_dir / f"res_{Path(sample['path']).stem}.txt",
+                        detections,
+                        with_scores=args.save_format == "scored",
+                    )
             batch.clear()
 
         for i in _progress(range(len(dataset)), len(dataset), f"eval {args.split}"):
@@ -399,7 +420,20 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     _add_model_args(p, weights_required=False)
     p.add_argument("--predictions", default=None, help="score existing res_<image>.txt/.json files in this folder")
     p.add_argument("--save-predictions", default=None, metavar="DIR", help="also write res_<image>.txt files here")
-    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
+    p.add_argument(
+        "--save-format",
+        choices=("scored", "rrc"),
+        default="scored",
+        help="scored: exact points and score per line, --predictions reproduces the H-mean (default); "
+        "rrc: plain integer x1,y1,...,y4 lines for the Robust Reading server",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="images per forward pass (default 1); only images of the same padded size share one, "
+        "so results do not depend on it",
+    )
     _add_run_args(p)
     p.set_defaults(func=cmd_eval)
 

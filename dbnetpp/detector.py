@@ -237,20 +237,27 @@ class Detector:
 
     @torch.inference_mode()
     def predict_maps(self, images: Sequence[ImageInput]) -> Tuple[List[np.ndarray], List[Tuple[float, float]]]:
-        """Probability maps of a batch, each cropped to its own padded (multiple-of-32) extent.
+        """Probability maps of several images, each at its own padded (multiple-of-32) extent.
 
-        Returns float32 maps (H_i, W_i) at the resized resolution and the scales (sx, sy).
+        Images are batched only with images of the same padded size (one forward pass per
+        distinct size, in order of first appearance), so each map is the one the image gets
+        alone: a network's receptive field would otherwise see the extra zero padding a larger
+        image in the batch brings. Returns float32 maps (H_i, W_i) at the resized resolution
+        and the scales (sx, sy), in input order.
         """
         if isinstance(images, (str, os.PathLike, np.ndarray)) or len(images) == 0:
             raise ValueError("predict_maps expects a non-empty sequence of images")
         tensors, scales = zip(*(self.preprocess(img) for img in images))
-        batch = batch_images(list(tensors)).to(self.device)
-        prob = self.model(batch).float().cpu().numpy()
-        maps = []
-        for t, p in zip(tensors, prob):
-            # the map MMOCR post-processes for a single image: padded to multiples of 32
-            height, width = pad_to_divisor(t.shape[1], t.shape[2])
-            maps.append(np.ascontiguousarray(p[:height, :width]))
+        groups: Dict[Tuple[int, int], List[int]] = {}
+        for i, t in enumerate(tensors):
+            groups.setdefault(pad_to_divisor(t.shape[1], t.shape[2]), []).append(i)
+        maps: List[Optional[np.ndarray]] = [None] * len(tensors)
+        for (height, width), members in groups.items():
+            batch = batch_images([tensors[i] for i in members]).to(self.device)
+            prob = self.model(batch).float().cpu().numpy()
+            for i, p in zip(members, prob):
+                # the map MMOCR post-processes for a single image: padded to multiples of 32
+                maps[i] = np.ascontiguousarray(p[:height, :width])
         return maps, list(scales)
 
     def postprocess(self, prob_map: np.ndarray, scale: Tuple[float, float]) -> List[Detection]:
@@ -260,7 +267,8 @@ class Detector:
         return [(np.asarray(p, dtype=np.float32).reshape(-1, 2), float(s)) for p, s in zip(polygons, scores)]
 
     def detect_batch(self, images: Sequence[ImageInput]) -> List[List[Detection]]:
-        """Detect text in several images (paths or BGR uint8 arrays) with one forward pass.
+        """Detect text in several images (paths or BGR uint8 arrays); one forward pass per
+        distinct padded size, so the result of an image does not depend on the others.
 
         Returns, per image, a list of ``(polygon, score)``: polygon float32 (K, 2) of (x, y) in
         that image's original pixels (K = 4 for "quad"), score the mean probability inside it.

@@ -72,6 +72,17 @@ def autocast_context(device: torch.device, amp: Optional[str]):
     return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
 
 
+def make_grad_scaler(device: torch.device, enabled: bool) -> Any:
+    """A GradScaler for ``device`` (``enabled``: fp16 training). ``torch.amp.GradScaler`` from
+    torch 2.3; on torch 2.1 / 2.2 ``torch.cuda.amp.GradScaler``, which scales on CUDA only."""
+    scaler_class = getattr(torch.amp, "GradScaler", None)
+    if scaler_class is not None:
+        return scaler_class(device.type, enabled=enabled)
+    if enabled and device.type != "cuda":
+        raise ValueError(f"fp16 gradient scaling on {device.type} needs torch >= 2.3 (this is {torch.__version__})")
+    return torch.cuda.amp.GradScaler(enabled=enabled)
+
+
 def _to_device(batch: Mapping[str, Any], device: torch.device, channels_last: bool = False) -> Dict[str, Any]:
     out = {}
     for k, v in batch.items():
@@ -136,7 +147,7 @@ def train_one_epoch(
     """
     model.train()
     if scaler is None:
-        scaler = torch.amp.GradScaler(device.type, enabled=False)
+        scaler = make_grad_scaler(device, enabled=False)
     start_time = time.perf_counter() if start_time is None else start_time
     world_size = dist_utils.get_world_size()
     main = dist_utils.is_main_process()

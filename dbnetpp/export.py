@@ -74,6 +74,7 @@ def export_onnx(
             f"the model has {num_dcn} deformable convolutions: ONNX DeformConv needs opset >= {MIN_DCN_OPSET}, "
             f"got {opset} (or export the DCN-free 'dbnetpp_resnet50')"
         )
+    _check_torch_version()
     path = os.fspath(path)
     net = _for_export(model)
     example = torch.zeros(1, 3, height, width)
@@ -111,6 +112,23 @@ def export_onnx(
     os.makedirs(directory, exist_ok=True)
     program.save(path, external_data=False)
     return path
+
+
+MIN_EXPORT_TORCH = (2, 6)  # torch.onnx.export(..., dynamo=True, optimize=...): the torch.export-based exporter of 2.6
+
+
+def _check_torch_version() -> None:
+    """The export path needs torch >= 2.6 (the rest of the package works from torch 2.1)."""
+    release = torch.__version__.split("+")[0].split(".")
+    try:
+        version = (int(release[0]), int(release[1]))
+    except (IndexError, ValueError):
+        return  # an unusual version string: let the exporter decide
+    if version < MIN_EXPORT_TORCH:
+        raise RuntimeError(
+            f"ONNX export needs torch >= {MIN_EXPORT_TORCH[0]}.{MIN_EXPORT_TORCH[1]} (the dynamo exporter), "
+            f"this is torch {torch.__version__}; upgrade torch to export"
+        )
 
 
 def count_ops(path: PathLike) -> Dict[str, int]:

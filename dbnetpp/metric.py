@@ -14,7 +14,7 @@ Per image:
 Over the dataset, for each score threshold t the predictions with
 ``score >= t`` are matched to ground truth with IoU strictly above
 ``match_iou_thr``: greedily, pair by pair in row-major (gt, pred) order
-('vanilla'), or by a maximum bipartite matching ('max_matching', needs scipy).
+('vanilla'), or by a maximum bipartite matching ('max_matching').
 The reported result is the threshold with the best H-mean (the first one on
 ties).
 
@@ -105,13 +105,39 @@ def vanilla_match_count(matched: np.ndarray) -> int:
 
 
 def max_match_count(matched: np.ndarray) -> int:
-    """Size of a maximum bipartite matching of a boolean (G, P) matrix."""
-    from scipy.sparse import csr_matrix
-    from scipy.sparse.csgraph import maximum_bipartite_matching
+    """Size of a maximum bipartite matching of a boolean (G, P) matrix.
 
-    if matched.size == 0:
-        return 0
-    return int(np.sum(maximum_bipartite_matching(csr_matrix(matched), perm_type="row") != -1))
+    Augmenting paths (Kuhn's algorithm, iterative): O(G * edges), plenty for the tens of
+    polygons of an image; no scipy needed.
+    """
+    matched = np.asarray(matched, dtype=bool)
+    if matched.ndim != 2:
+        raise ValueError(f"matched must be a (G, P) boolean matrix, got shape {matched.shape}")
+    neighbours = [np.flatnonzero(row).tolist() for row in matched]
+    pred_owner = [-1] * matched.shape[1]  # gt matched to each prediction, -1: free
+    gt_match = [-1] * matched.shape[0]  # prediction matched to each gt
+    for root in range(matched.shape[0]):
+        # depth-first search for an augmenting path: root -> p1 (owned by g1) -> p2 ... -> free p
+        visited = [False] * matched.shape[1]
+        stack = [(root, iter(neighbours[root]))]
+        free = -1
+        while stack and free < 0:
+            _, candidates = stack[-1]
+            for p in candidates:
+                if not visited[p]:
+                    visited[p] = True
+                    if pred_owner[p] < 0:
+                        free = p
+                    else:
+                        stack.append((pred_owner[p], iter(neighbours[pred_owner[p]])))
+                    break
+            else:
+                stack.pop()
+        # flip the path: each gt on it takes the prediction the next one held (the last, the free one)
+        p = free
+        for gt, _ in reversed(stack if free >= 0 else []):
+            pred_owner[p], gt_match[gt], p = gt, p, gt_match[gt]
+    return sum(m >= 0 for m in gt_match)
 
 
 def compute_hmean(hits: int, gt_num: int, pred_num: int) -> Dict[str, float]:
@@ -191,7 +217,9 @@ class HmeanIoU:
             gt_polygons: ground-truth polygons, same format.
             gt_ignore: one bool per ground-truth polygon, True for ``###``.
         """
-        scores = np.asarray(_to_numpy(pred_scores), dtype=np.float32).reshape(-1)
+        # float32 like MMOCR's scores, then compared in float64 whatever numpy's promotion rules
+        # (numpy 1.x would compare a float32 array with a float64 scalar in float32)
+        scores = np.asarray(_to_numpy(pred_scores), dtype=np.float32).reshape(-1).astype(np.float64)
         ignore = np.asarray(_to_numpy(gt_ignore), dtype=bool).reshape(-1)
         if len(scores) != len(pred_polygons):
             raise ValueError(f"HmeanIoU.update: {len(pred_polygons)} predicted polygons but {len(scores)} scores")

@@ -71,6 +71,23 @@ def format_lines(polygons: Sequence[Any], scores: Optional[Sequence[float]] = No
     return lines
 
 
+def format_scored_line(polygon: Any, score: float) -> str:
+    """``x1,y1,...,xK,yK,score`` with the exact values (shortest round-trip decimal of each
+    float), points clockwise on screen. ``dbnetpp eval --predictions`` reads it back to the
+    same polygon (float32) and score, so the H-mean's score-threshold sweep is reproduced;
+    the official server wants ``format_lines`` instead (integers)."""
+    points = np.asarray(polygon, dtype=np.float32).reshape(-1, 2)
+    if len(points) < 3 or not np.all(np.isfinite(points)):
+        raise ValueError(f"need a polygon of at least 3 finite (x, y) points, got {points.tolist()}")
+    x, y = points[:, 0].astype(np.float64), points[:, 1].astype(np.float64)
+    if np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y) < 0:  # counter-clockwise on screen (y down)
+        points = points[::-1]
+    score = float(score)
+    if not np.isfinite(score):
+        raise ValueError(f"score must be finite, got {score}")
+    return ",".join(repr(float(v)) for v in points.reshape(-1)) + f",{score!r}"
+
+
 def write_submission(
     out_dir: str,
     results: Mapping[str, Tuple[Sequence[Any], Sequence[float]]],

@@ -37,6 +37,33 @@ class _Opaque:
         self.state = state
 
 
+def _allowed_global(module: str, name: str) -> bool:
+    """Globals a tensor checkpoint needs: tensor / storage rebuilders, dtypes, containers."""
+    if module == "collections" and name == "OrderedDict":
+        return True
+    if module in ("torch._utils", "torch._tensor") and name.startswith("_rebuild_"):
+        return True
+    if module == "torch" and (name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype)):
+        return True
+    return (module, name) in {("torch", "device"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+                              ("torch.nn.parameter", "Parameter"), ("torch.storage", "UntypedStorage")}
+
+
+class _StandInUnpickler(pickle.Unpickler):
+    """Unpickler for torch < 2.5: allow-listed globals load, every other one is ``_Opaque``."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        return super().find_class(module, name) if _allowed_global(module, name) else _Opaque
+
+
+class _StandInPickle:
+    """The ``pickle_module`` handed to ``torch.load``: only its ``Unpickler`` is used."""
+
+    Unpickler = _StandInUnpickler
+    load = staticmethod(pickle.load)
+    __name__ = "dbnetpp_stand_in_pickle"
+
+
 def load_state_dict_file(path: Union[str, "os.PathLike[str]"]) -> Dict[str, Any]:
     """Read a checkpoint file on the CPU with ``weights_only=True`` (no arbitrary code execution).
 
@@ -61,11 +88,11 @@ def load_state_dict_file(path: Union[str, "os.PathLike[str]"]) -> Dict[str, Any]
 def _load_with_stand_ins(path: str, first_error: Exception) -> Any:
     """``torch.load(weights_only=True)`` with every global it refused replaced by ``_Opaque``."""
     find_unsafe = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
-    if find_unsafe is None:  # torch < 2.5
-        raise ValueError(
-            f"{path}: cannot be read with torch.load(weights_only=True) ({first_error}). If you trust the "
-            "file, load it yourself with torch.load(path, weights_only=False) and pass the state dict."
-        ) from first_error
+    if find_unsafe is None:  # torch < 2.5: the same, with an allow-list unpickler of our own
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_StandInPickle)
+        except Exception as err:
+            raise ValueError(f"{path}: not a readable PyTorch checkpoint ({err})") from first_error
     try:
         stand_ins = [(_Opaque, name) for name in find_unsafe(path)]
         with torch.serialization.safe_globals(stand_ins):

@@ -74,7 +74,15 @@ from dbnetpp.checkpoint import (
 )
 from dbnetpp.config import AMP_DTYPES, OPTIMIZERS, PRESETS, Config, get_config
 from dbnetpp.data import SyntheticText, TestDataset, TrainDataset, collate_test, collate_train, open_dataset
-from dbnetpp.engine import NonFiniteLossError, build_optimizer, evaluate, inference_model, scaled_lr, train_one_epoch
+from dbnetpp.engine import (
+    NonFiniteLossError,
+    build_optimizer,
+    evaluate,
+    inference_model,
+    make_grad_scaler,
+    scaled_lr,
+    train_one_epoch,
+)
 from dbnetpp.loss import DBLoss
 from dbnetpp.meters import JsonlLogger, plot_log
 from dbnetpp.metric import HmeanIoU
@@ -372,7 +380,7 @@ def _run(args: argparse.Namespace, cfg: Config, info: dist_utils.DistInfo, start
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     optimizer = build_optimizer(model_without_ddp, cfg.train.optimizer, lr, cfg.train.momentum, cfg.train.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+    scaler = make_grad_scaler(device, enabled=cfg.train.amp == "fp16")
     criterion = DBLoss()
     postprocessor = DBPostProcessor(text_repr_type=cfg.model.text_repr_type, epsilon_ratio=cfg.model.epsilon_ratio)
 

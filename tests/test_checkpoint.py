@@ -34,7 +34,9 @@ def full_checkpoint(model, epoch=3):
     (out["prob_logits"].mean() + out["thr_map"].mean()).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)
+    # GradScaler(init_scale=1024).state_dict(), written out: torch.amp.GradScaler needs torch >= 2.3
+    scaler_state = {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                    "_growth_tracker": 0}
     return {
         "model": model.state_dict(),
         "model_name": model.name,
@@ -42,7 +44,7 @@ def full_checkpoint(model, epoch=3):
         "epoch": epoch,
         "optimizer": optimizer.state_dict(),
         "global_step": 4 * (epoch + 1),
-        "scaler": scaler.state_dict(),
+        "scaler": scaler_state,
         "rng": [get_rng_state()],
         "best_hmean": 0.25,
     }

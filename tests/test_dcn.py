@@ -188,3 +188,42 @@ def test_weight_init_bound():
     bound = 1.0 / math.sqrt(16 * 9)
     assert layer.weight.abs().max() <= bound
     assert layer.weight.std() > 0.4 * bound
+
+
+def _tiny_dcn_net(impl: str) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        ModulatedDeformConv2d(4, 4, 3, stride=1, padding=1, impl=impl),
+        torch.nn.ReLU(),
+        ModulatedDeformConv2d(4, 2, 3, stride=2, padding=1, bias=True, impl=impl),
+    ).double()
+
+
+def test_first_training_steps_from_zero_offsets_agree_across_impls():
+    """mmcv zero-initialises conv_offset, so the first steps see every border tap at exactly -1:
+    both implementations must give the same gradients there (mmcv's rule) and then the same
+    parameters after two SGD steps."""
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 3, 9, 11, generator=gen, dtype=torch.float64)
+    target = torch.randn(2, 2, 5, 6, generator=gen, dtype=torch.float64)
+    results = {}
+    for impl in [i for i in deform_conv.IMPLS if i != "auto"]:
+        net = _tiny_dcn_net(impl)
+        opt = torch.optim.SGD(net.parameters(), lr=0.5)
+        first_grads = None
+        for _ in range(2):
+            opt.zero_grad()
+            loss = ((net(images) - target) ** 2).mean()
+            loss.backward()
+            if first_grads is None:
+                first_grads = {k: p.grad.clone() for k, p in net.named_parameters()}
+            opt.step()
+        results[impl] = (first_grads, {k: p.detach().clone() for k, p in net.named_parameters()})
+    (ga, pa), (gb, pb) = results.values()
+    # the offset predictors receive gradient only through the offset/mask gradients
+    assert ga["2.conv_offset.weight"].abs().max() > 1e-3
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], atol=1e-12, rtol=1e-10, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(pb[name], pa[name], atol=1e-12, rtol=1e-10, msg=lambda m: f"param {name}: {m}")

@@ -1,5 +1,7 @@
 """dbnetpp.ops.deform_conv: the fast PyTorch DCNv2 against torchvision and hand-computed values."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -212,3 +214,146 @@ def test_single_input_gradient(which):
         (grad,) = torch.autograd.grad((out * out).sum(), [inputs[which]])
         grads.append(grad)
     torch.testing.assert_close(grads[1], grads[0], atol=1e-10, rtol=0)
+
+
+# --- mmcv's rule, written directly from its modulated_deform_conv kernels (float64 loops) ---------
+
+
+def _mmcv_corner(img, yy, xx):
+    """img (C, H, W) at integer (yy, xx), 0 outside (mmcv reads no corner outside the image)."""
+    h, w = img.shape[1:]
+    if 0 <= yy <= h - 1 and 0 <= xx <= w - 1:
+        return img[:, yy, xx]
+    return img.new_zeros(img.shape[0])
+
+
+def mmcv_reference(x, offset, mask, weight, bias, grad_out, stride, padding, dilation):
+    """Output and (input, offset, mask, weight) gradients under mmcv's rule.
+
+    Forward (``dmcn_im2col_bilinear``): a point with y <= -1, x <= -1, y >= H or x >= W reads 0,
+    otherwise bilinear over its 4 neighbours, neighbours outside read 0. Offset gradient
+    (``dmcn_get_coordinate_weight``): 0 for such points, otherwise the derivative of that
+    bilinear form with the low corner at floor(y), floor(x). Mask gradient: column gradient times
+    the unmasked sample. Input gradient (``dmcn_get_gradient_weight``): the bilinear weights.
+    """
+    n, c, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    k = kh * kw
+    dg = offset.shape[1] // (2 * k)
+    cg = c // dg
+    ho, wo = offset.shape[2:]
+    wmat = weight.reshape(o, c, k)
+    out = torch.zeros(n, o, ho, wo, dtype=torch.float64)
+    gx, goff, gmask, gw = (torch.zeros(t.shape, dtype=torch.float64) for t in (x, offset, mask, weight))
+    gw = gw.reshape(o, c, k)
+    for b in range(n):
+        for oy in range(ho):
+            for ox in range(wo):
+                g_o = grad_out[b, :, oy, ox]
+                col_grad = (wmat * g_o.view(o, 1, 1)).sum(0)  # (C, K)
+                for g in range(dg):
+                    chans = slice(g * cg, (g + 1) * cg)
+                    img = x[b, chans]
+                    for i in range(kh):
+                        for j in range(kw):
+                            t = i * kw + j
+                            ch = 2 * (g * k + t)
+                            py = oy * stride[0] - padding[0] + i * dilation[0] + offset[b, ch, oy, ox].item()
+                            px = ox * stride[1] - padding[1] + j * dilation[1] + offset[b, ch + 1, oy, ox].item()
+                            m = mask[b, g * k + t, oy, ox].item()
+                            if py <= -1 or px <= -1 or py >= h or px >= w:
+                                continue  # reads 0; every gradient of this tap is 0
+                            yl, xl = math.floor(py), math.floor(px)
+                            ly, lx = py - yl, px - xl
+                            v00 = _mmcv_corner(img, yl, xl)
+                            v01 = _mmcv_corner(img, yl, xl + 1)
+                            v10 = _mmcv_corner(img, yl + 1, xl)
+                            v11 = _mmcv_corner(img, yl + 1, xl + 1)
+                            val = (1 - ly) * (1 - lx) * v00 + (1 - ly) * lx * v01 + ly * (1 - lx) * v10 + ly * lx * v11
+                            out[b, :, oy, ox] += (wmat[:, chans, t] * (m * val)).sum(1)
+                            gw[:, chans, t] += g_o.view(o, 1) * (m * val).view(1, cg)
+                            cgrad = col_grad[chans, t]
+                            gmask[b, g * k + t, oy, ox] = (cgrad * val).sum()
+                            d_y = -(1 - lx) * v00 - lx * v01 + (1 - lx) * v10 + lx * v11
+                            d_x = -(1 - ly) * v00 + (1 - ly) * v01 - ly * v10 + ly * v11
+                            goff[b, ch, oy, ox] = m * (cgrad * d_y).sum()
+                            goff[b, ch + 1, oy, ox] = m * (cgrad * d_x).sum()
+                            for yy, wy in ((yl, 1 - ly), (yl + 1, ly)):
+                                for xx, wx in ((xl, 1 - lx), (xl + 1, lx)):
+                                    if 0 <= yy < h and 0 <= xx < w:
+                                        gx[b, chans, yy, xx] += m * wy * wx * cgrad
+    if bias is not None:
+        out += bias.view(1, o, 1, 1)
+    return out, (gx, goff, gmask, gw.reshape(weight.shape))
+
+
+def _offsets(kind, shape, gen):
+    if kind == "random":
+        return 2.5 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    if kind == "mixed":  # integers and halves: taps exactly at -1, 0, H-1, H and between
+        return torch.randint(-4, 5, shape, generator=gen).double() / 2
+    return torch.full(shape, float(kind), dtype=torch.float64)
+
+
+MMCV_OFFSETS = ("0", "-1", "1", "2", "0.5", "-0.5", "mixed", "random")
+CONCRETE_IMPLS = tuple(i for i in deform_conv.IMPLS if i != "auto")
+
+
+@pytest.mark.parametrize("impl", CONCRETE_IMPLS)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("kind", MMCV_OFFSETS)
+def test_follows_mmcv_rule(impl, stride, kind):
+    """Every implementation gives mmcv's output and input/offset/mask/weight gradients, including
+    taps at exactly -1 / 0 / H-1 / H (zero offsets put the border taps of a padding-1 conv at -1)."""
+    gen = torch.Generator().manual_seed(len(kind) * 7 + stride)
+    n, c, h, w, o, dg = 2, 4, 5, 6, 3, 2
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64)
+    offset = _offsets(kind, (n, 2 * dg * 9, ho, wo), gen)
+    mask = torch.rand(n, dg * 9, ho, wo, generator=gen, dtype=torch.float64)
+    weight = torch.randn(o, c, 3, 3, generator=gen, dtype=torch.float64)
+    bias = torch.randn(o, generator=gen, dtype=torch.float64)
+    grad_out = torch.randn(n, o, ho, wo, generator=gen, dtype=torch.float64)
+    ref, ref_grads = mmcv_reference(x, offset, mask, weight, bias, grad_out, (stride,) * 2, (1, 1), (1, 1))
+    inputs = [t.clone().requires_grad_(True) for t in (x, offset, mask, weight, bias)]
+    out = modulated_deform_conv2d(*inputs, stride=stride, padding=1, dilation=1, impl=impl)
+    out.backward(grad_out)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    for label, got, want in zip(("input", "offset", "mask", "weight"), inputs, ref_grads):
+        err = (got.grad - want).abs().max().item() / max(want.abs().max().item(), 1e-12)
+        assert err < 1e-10, f"{impl} grad {label} at offsets {kind}, stride {stride}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("impl", CONCRETE_IMPLS)
+def test_follows_mmcv_rule_float32_zero_offsets(impl):
+    """float32 within 1e-4 of the float64 mmcv reference at zero offsets (the first training step)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 4, 6, 5, generator=gen, dtype=torch.float64)
+    offset = torch.zeros(1, 18, 6, 5, dtype=torch.float64)
+    mask = torch.full((1, 9, 6, 5), 0.5, dtype=torch.float64)
+    weight = torch.randn(3, 4, 3, 3, generator=gen, dtype=torch.float64)
+    grad_out = torch.randn(1, 3, 6, 5, generator=gen, dtype=torch.float64)
+    ref, ref_grads = mmcv_reference(x, offset, mask, weight, None, grad_out, (1, 1), (1, 1), (1, 1))
+    inputs = [t.float().requires_grad_(True) for t in (x, offset, mask, weight)]
+    out = modulated_deform_conv2d(*inputs, None, stride=1, padding=1, dilation=1, impl=impl)
+    out.backward(grad_out.float())
+    assert (out.double() - ref).abs().max() < 1e-4 * ref.abs().max()
+    for got, want in zip(inputs, ref_grads):
+        assert (got.grad.double() - want).abs().max() < 1e-4 * want.abs().max()
+
+
+def test_weight_groups_follow_mmcv_rule_at_zero_offsets():
+    """Weight groups (torchvision path) equal the block-diagonal full weight under mmcv's rule."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 4, 5, 6, generator=gen, dtype=torch.float64)
+    offset = torch.zeros(1, 18, 5, 6, dtype=torch.float64)
+    mask = torch.rand(1, 9, 5, 6, generator=gen, dtype=torch.float64)
+    wg = torch.randn(4, 2, 3, 3, generator=gen, dtype=torch.float64)  # 2 groups of 2 -> 2 channels
+    full = torch.zeros(4, 4, 3, 3, dtype=torch.float64)
+    full[:2, :2], full[2:, 2:] = wg[:2], wg[2:]
+    grad_out = torch.randn(1, 4, 5, 6, generator=gen, dtype=torch.float64)
+    _, (gx, goff, gmask, _) = mmcv_reference(x, offset, mask, full, None, grad_out, (1, 1), (1, 1), (1, 1))
+    inputs = [t.clone().requires_grad_(True) for t in (x, offset, mask)]
+    modulated_deform_conv2d(*inputs, wg, impl="torchvision").backward(grad_out)
+    for got, want in zip(inputs, (gx, goff, gmask)):
+        torch.testing.assert_close(got.grad, want, atol=1e-10, rtol=0)

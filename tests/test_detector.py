@@ -207,6 +207,38 @@ def test_batch_equals_single_images():
             assert s == t
 
 
+def test_batch_composition_does_not_change_a_real_network_result():
+    """A real (random-weight) network: a small image detected alone, batched with a larger one
+    (more zero padding would reach its receptive field) and with an equal-size one, gives the
+    same map and detections; results come back in input order."""
+    torch.manual_seed(0)
+    net = build_model("dbnet_resnet18_tiny").eval()
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    small2 = rng.integers(0, 256, (66, 94, 3), dtype=np.uint8)  # same padded size as small
+    large = rng.integers(0, 256, (200, 600, 3), dtype=np.uint8)  # padded to 128 x 320
+    detector = Detector(net, test_scale=(400, 100))
+    detector.postprocessor.min_text_score = 0.0  # random weights: keep every region
+    (alone,), _ = detector.predict_maps([small])
+    (large_alone,), _ = detector.predict_maps([large])
+    (alone2,), _ = detector.predict_maps([small2])
+    assert alone2.shape == alone.shape == (128, 160)  # batched together below
+    assert large_alone.shape == (128, 320)
+    maps, _ = detector.predict_maps([large, small, small2, large])
+    assert [m.shape for m in maps] == [large_alone.shape, alone.shape, alone.shape, large_alone.shape]
+    np.testing.assert_allclose(maps[2], alone2, rtol=0, atol=2e-5)
+    # 2e-5: float32 kernels may sum in another order for a batch of 2; padding changes are >> 1e-3
+    np.testing.assert_allclose(maps[1], alone, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(maps[0], large_alone, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(maps[3], large_alone, rtol=0, atol=2e-5)
+    single = detector.detect(small)
+    batched = detector.detect_batch([large, small])[1]
+    assert len(batched) == len(single)
+    for (p, s), (q, t) in zip(batched, single):
+        np.testing.assert_allclose(p, q, atol=1e-3)
+        assert s == pytest.approx(t, abs=1e-6)
+
+
 def test_input_forms(tmp_path):
     image = draw_rects(120, 160, [(20, 20, 140, 50), (30, 70, 90, 100)])
     gray = image[:, :, 0].copy()
@@ -353,3 +385,29 @@ def test_read_image_errors(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(ValueError, match="empty.png"):
         read_image(empty)
+
+
+class _RunsCode:
+    """Unpickling this would call print (any function): the safe loaders must not."""
+
+    def __reduce__(self):
+        return (print, ("unpickled code ran",))
+
+
+def test_zoo_checkpoint_without_torch_2_5_unsafe_globals_api(tmp_path, monkeypatch, capsys):
+    """torch 2.1 ... 2.4 have no get_unsafe_globals_in_checkpoint / safe_globals: the allow-list
+    unpickler loads the tensors, turns foreign objects into stand-ins and runs nothing."""
+    import torch.serialization
+
+    from dbnetpp.weights import load_state_dict_file
+
+    net = build_model("dbnet_resnet18_tiny")
+    path = tmp_path / "zoo.pth"
+    torch.save({"meta": {"seed": np.int64(3), "hook": _RunsCode()}, "state_dict": net.state_dict()}, path)
+    monkeypatch.delattr(torch.serialization, "get_unsafe_globals_in_checkpoint", raising=False)
+    loaded = load_state_dict_file(path)
+    assert "unpickled code ran" not in capsys.readouterr().out
+    assert type(loaded["meta"]["hook"]).__name__ == "_Opaque"
+    state = loaded["state_dict"]
+    assert state.keys() == net.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())

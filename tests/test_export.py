@@ -15,7 +15,13 @@ from dbnetpp.export import INPUT_NAME, OUTPUT_NAME, check_onnx, count_ops, expor
 from dbnetpp.models.dbnet import build_model
 from dbnetpp.models.dcn import ModulatedDeformConv2d
 
-ort = pytest.importorskip("onnxruntime")
+
+
+def needs_onnx():
+    """onnxruntime for the tests that run a file (and onnxscript, which the dynamo exporter
+    uses): skipped without them, while the argument checks below run everywhere."""
+    pytest.importorskip("onnxscript")
+    return pytest.importorskip("onnxruntime")
 
 TOLERANCE = 1e-4
 
@@ -31,13 +37,14 @@ def randomize_batchnorm(model, generator):
 
 
 def run_onnx(path, images):
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = needs_onnx().InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == [INPUT_NAME]
     return session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0]
 
 
 def test_cli_export_of_a_dcn_free_checkpoint(tmp_path, capsys):
     """``dbnetpp export-onnx --check`` on a dbnetpp checkpoint; then the file at other shapes."""
+    needs_onnx()
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     net = build_model("dbnet_resnet18_tiny").eval()
@@ -82,6 +89,7 @@ def dcn_model():
 
 @pytest.mark.slow
 def test_dcn_model_exports_deformconv_and_runs_in_onnxruntime(dcn_model, tmp_path):
+    needs_onnx()
     impls = [m.impl for m in dcn_model.modules() if isinstance(m, ModulatedDeformConv2d)]
     path = export_onnx(dcn_model, tmp_path / "dcn.onnx", height=64, width=64, opset=19)
     ops = count_ops(path)
@@ -111,11 +119,17 @@ def test_dcn_model_exports_deformconv_and_runs_in_onnxruntime(dcn_model, tmp_pat
     assert np.abs(got - undeformed).max() > 100 * TOLERANCE
 
 
-def test_export_argument_errors(dcn_model, tmp_path):
+def test_export_argument_errors(dcn_model, tmp_path, monkeypatch):
+    """Checked before anything is exported: runs without onnx / onnxruntime installed."""
     with pytest.raises(ValueError, match="opset >= 19"):
         export_onnx(dcn_model, tmp_path / "old.onnx", height=64, width=64, opset=17)
     with pytest.raises(ValueError, match="multiples of 32"):
         export_onnx(dcn_model, tmp_path / "odd.onnx", height=60, width=64)
+    # the dynamo exporter (with optimize=) needs torch >= 2.6 (the package supports torch >= 2.1 otherwise)
+    monkeypatch.setattr(torch, "__version__", "2.4.1+cpu")
+    with pytest.raises(RuntimeError, match=r"torch >= 2\.6.*2\.4\.1"):
+        export_onnx(dcn_model, tmp_path / "old_torch.onnx", height=64, width=64)
+    assert not (tmp_path / "old_torch.onnx").exists()
 
 
 def test_cli_export_errors(tmp_path, capsys):

@@ -1,3 +1,4 @@
+import itertools
 import json
 import pickle
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from shapely.geometry import Polygon
 
-from dbnetpp.metric import DEFAULT_SCORE_THRS, HmeanIoU, iou_matrix
+from dbnetpp.metric import DEFAULT_SCORE_THRS, HmeanIoU, iou_matrix, max_match_count, vanilla_match_count
 
 
 def box(x0, y0, x1, y1):
@@ -205,7 +206,6 @@ def test_vanilla_is_greedy_and_max_matching_is_optimal():
     # IoU: gt0-p0 0.8, gt0-p1 0.875, gt1-p0 0.7, gt1-p1 0.4
     vanilla = run_metric([(preds, [0.9, 0.9], gts, [False, False])])
     assert vanilla.compute()["recall"] == 0.5  # gt0 takes p0 first, gt1 is left alone
-    pytest.importorskip("scipy")
     best = run_metric([(preds, [0.9, 0.9], gts, [False, False])], strategy="max_matching")
     assert best.compute()["recall"] == 1.0
 
@@ -283,3 +283,27 @@ def test_real_ground_truth_against_itself(icdar_root):
         metric.update(polygons, [1.0] * len(polygons), polygons, ignore)
     assert metric.compute() == {"precision": 1.0, "recall": 1.0, "hmean": 1.0, "score_thr": DEFAULT_SCORE_THRS[0]}
     assert metric.gt_num == sum(int((~np.asarray(ig, bool)).sum()) for _, ig in images)
+
+
+def brute_force_max_matching(matched):
+    """Largest k such that some k gts take k distinct predictions they match (exhaustive)."""
+    g, p = matched.shape
+    best = 0
+    for k in range(1, min(g, p) + 1):
+        if any(all(matched[a, b] for a, b in zip(gts, preds))
+               for gts in itertools.combinations(range(g), k) for preds in itertools.permutations(range(p), k)):
+            best = k
+    return best
+
+
+def test_max_match_count_is_a_maximum_matching_without_scipy():
+    rng = np.random.default_rng(0)
+    cases = [np.zeros((0, 3), bool), np.zeros((2, 0), bool), np.ones((3, 3), bool), np.eye(4, dtype=bool)[::-1]]
+    cases += [rng.random((rng.integers(1, 6), rng.integers(1, 6))) < rng.uniform(0.2, 0.7) for _ in range(150)]
+    # greedy takes (0, 0) and blocks gt 1; the maximum reassigns gt 0 to prediction 1
+    cases.append(np.array([[True, True], [True, False]]))
+    for matched in cases:
+        want = brute_force_max_matching(matched)
+        assert max_match_count(matched) == want, matched.astype(int).tolist()
+        assert vanilla_match_count(matched) <= want
+    assert vanilla_match_count(cases[-1]) == 1 and max_match_count(cases[-1]) == 2

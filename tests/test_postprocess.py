@@ -1,10 +1,10 @@
 import cv2
 import numpy as np
+import pyclipper
 import pytest
 import torch
 from shapely.geometry import Polygon
 
-from dbnetpp.polygon import offset_polygon
 from dbnetpp.postprocess import DBPostProcessor, area_and_perimeter
 
 
@@ -33,10 +33,14 @@ def reference(prob, text_repr_type="quad", mask_thr=0.3, min_text_score=0.3, min
         if score < min_text_score:
             continue
         shape = Polygon(pts)
-        expanded = offset_polygon(pts, shape.area * unclip_ratio / shape.length)
-        if len(expanded) == 0:
+        # MMOCR's offset_polygon (REFERENCE.md 6): pyclipper on the integer points, round joins;
+        # no path or a split into paths of different lengths -> dropped, else the first path
+        clipper = pyclipper.PyclipperOffset()
+        clipper.AddPath(pts.astype(np.int64).tolist(), pyclipper.JT_ROUND, pyclipper.ET_CLOSEDPOLYGON)
+        paths = clipper.Execute(shape.area * unclip_ratio / shape.length)
+        if not paths or len({len(path) for path in paths}) > 1:
             continue
-        expanded = expanded.reshape(-1, 2).astype(np.float32)
+        expanded = np.array(paths[0], dtype=np.float32).reshape(-1, 2)
         if text_repr_type == "quad":
             rect = cv2.minAreaRect(expanded)
             if min(rect[1]) < min_text_width:

@@ -91,3 +91,49 @@ def test_errors(tmp_path):
         write_submission(str(tmp_path), {"a/img_1.jpg": ([], []), "b/img_1.jpg": ([], [])})
     with pytest.raises(ValueError, match="non-finite"):
         to_clockwise_quad(np.array([[0, 0], [1, np.nan], [1, 1], [0, 1]]))
+
+
+def test_scored_lines_round_trip_exactly_and_reproduce_the_hmean(tmp_path):
+    """Scored result files read back to the same float32 polygons and scores, so the metric's
+    threshold sweep (which needs the scores) gives the same P / R / H as the in-memory run."""
+    from dbnetpp.cli import parse_result_file, write_result_file
+    from dbnetpp.metric import HmeanIoU
+    from dbnetpp.submission import format_scored_line
+
+    rng = np.random.default_rng(0)
+    gts, preds = [], []
+    for _ in range(6):
+        boxes = [cv2.boxPoints(((rng.uniform(50, 500), rng.uniform(50, 500)), (60, 20), rng.uniform(-30, 30)))
+                 for _ in range(4)]
+        jitter = [b + rng.normal(0, 6, b.shape).astype(np.float32) for b in boxes]
+        scores = rng.uniform(0.5, 0.95, len(jitter)).tolist()
+        # false positives scored 0.3 ... 0.45: the best threshold of the 0.3 ... 0.9 sweep is above them
+        jitter += [b + np.float32(700) for b in boxes[:2]]
+        scores += rng.uniform(0.3, 0.45, 2).tolist()
+        gts.append(boxes)
+        preds.append([(p.astype(np.float32), s) for p, s in zip(jitter, scores)])
+
+    def score(per_image):
+        metric = HmeanIoU()
+        for gt, dets in zip(gts, per_image):
+            metric.update([p for p, _ in dets], [s for _, s in dets], gt, [False] * len(gt))
+        return metric.compute()
+
+    read_back = []
+    for i, dets in enumerate(preds):
+        write_result_file(tmp_path / f"res_{i}.txt", dets, with_scores=True)
+        polygons, scores = parse_result_file(tmp_path / f"res_{i}.txt")
+        for (p, s), q, t in zip(dets, polygons, scores):
+            assert t == s
+            assert same_cycle(q, p) or same_cycle(q, p[::-1])  # exact values, maybe reversed
+        read_back.append(list(zip(polygons, scores)))
+    want, got = score(preds), score(read_back)
+    assert want["score_thr"] > 0.35  # the sweep matters here: scores of 1.0 would change the result
+    assert (got["precision"], got["recall"], got["hmean"], got["score_thr"]) == (
+        want["precision"], want["recall"], want["hmean"], want["score_thr"])
+    unscored = [[(p, 1.0) for p, _ in dets] for dets in preds]
+    assert score(unscored)["hmean"] != want["hmean"]
+    line = format_scored_line(np.array([[0, 0], [0, 10], [10, 10], [10, 0]], np.float32), 0.5)
+    assert line == "10.0,0.0,10.0,10.0,0.0,10.0,0.0,0.0,0.5"  # reversed: clockwise on screen
+    with pytest.raises(ValueError, match="finite"):
+        format_scored_line(np.zeros((4, 2)), float("nan"))

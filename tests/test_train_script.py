@@ -82,7 +82,8 @@ def test_torchrun_two_processes_tiny_preset_one_epoch(tmp_path):
     evals = [r for r in records if r["type"] == "eval"]
     assert len(evals) == 1 and {"precision", "recall", "hmean"} <= set(evals[0])
     assert evals[0]["num_images"] == 64  # every held-out image once, none twice
-    assert 0.0 <= evals[0]["hmean"] <= 1.0
+    p, r = evals[0]["precision"], evals[0]["recall"]  # H-mean is their harmonic mean (0 when both are)
+    assert evals[0]["hmean"] == pytest.approx(2 * p * r / (p + r) if p + r else 0.0, abs=1e-12)
     train = [r for r in records if r["type"] == "train"]
     assert train and {"loss", "loss_prob", "loss_thr", "loss_db", "lr", "images_per_s", "data_time"} <= set(train[0])
     # 2 processes x 8 images = 16 = twice the preset's base batch: the LR doubles, and is logged

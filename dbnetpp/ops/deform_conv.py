@@ -2,14 +2,21 @@
 
 Offset layout and boundary rule are torchvision's (= mmcv's): for tap k = i*kw + j of offset
 group g, offset channel 2*(g*kh*kw + k) is dy and the next one dx, mask channel g*kh*kw + k.
+This is mmcv's ``modulated_deform_conv`` rule (forward and backward) for every implementation.
 The tap samples the input at (oy*stride - pad + i*dil + dy, ox*stride - pad + j*dil + dx)
 (y, x in input pixels); a sample point with y <= -1, y >= H, x <= -1 or x >= W reads 0,
-otherwise it is bilinear over its 4 neighbours, neighbours outside the image reading 0.
+otherwise it is bilinear over its 4 neighbours, neighbours outside the image reading 0; the
+offset gradient of a point that reads 0 is 0 (also at exactly -1).
 
 Two implementations:
 
-- ``"torchvision"``: ``torchvision.ops.deform_conv2d`` (the reference; also what ONNX export
-  understands).
+- ``"torchvision"``: ``torchvision.ops.deform_conv2d`` (also what ONNX export understands). Its
+  offset gradient differs from mmcv's at sample coordinates of exactly -1 (mmcv: 0, as for
+  every point that reads 0; torchvision: the one-sided derivative). Zero-initialised offsets
+  put every border tap of a padding-1 conv there, so when the offset needs a gradient a
+  device-agnostic correction node (``_BorderOffsetGrad``) adds the difference in the backward
+  pass, visiting only those taps (about 1 % of the layer's CPU forward + backward time at
+  2x128x80x80; on a GPU two host syncs and ~20 small kernels per layer and backward).
 - ``"fast"``: plain PyTorch ops. The input is viewed as a (N*H*W*dg, C/dg) table of channel
   vectors (free for channels_last input); every (output pixel, tap, group) is one
   ``embedding_bag`` of its 4 bilinear corners with the mask folded into the corner weights,
@@ -127,13 +134,136 @@ def modulated_deform_conv2d(
     if impl == "fast" and grouped:
         raise NotImplementedError("the 'fast' deformable conv has no weight groups; use impl='torchvision'")
     if impl == "torchvision" or grouped:
-        return tv_deform_conv2d(x, offset, weight, bias, stride=stride, padding=padding, dilation=dilation, mask=mask)
+        out = tv_deform_conv2d(x, offset, weight, bias, stride=stride, padding=padding, dilation=dilation, mask=mask)
+        if offset.requires_grad and torch.is_grad_enabled() and not _exporting():
+            # torchvision's offset gradient differs from mmcv's at sample coordinates of exactly -1;
+            # this identity node adds the difference in the backward pass (see _BorderOffsetGrad)
+            out = _BorderOffsetGrad.apply(out, x, offset, mask, weight, stride, padding, dilation)
+        return out
 
     dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     args = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, offset, mask, weight, bias)]
     with torch.autocast(x.device.type, enabled=False):
         out = _FastDeformConv.apply(*args, stride, padding, dilation)
     return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+# --- torchvision path: mmcv's offset gradient at coordinate -1 ------------------------------------
+
+
+def _exporting() -> bool:
+    """True while torch.onnx / torch.export trace the model (the correction node is training-only)."""
+    if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    is_exporting = getattr(compiler, "is_exporting", None)
+    return bool(is_exporting is not None and is_exporting())
+
+
+def _sample_row_or_column(
+    x: torch.Tensor, n_idx: torch.Tensor, coord: torch.Tensor, fixed: int, along_x: bool
+) -> torch.Tensor:
+    """Bilinear samples (A, C) of image row ``fixed`` at columns ``coord`` (along_x) or of
+    column ``fixed`` at rows ``coord``, with the DCN boundary rule (0 outside (-1, size))."""
+    size = x.shape[3] if along_x else x.shape[2]
+    line = x[n_idx, :, fixed, :] if along_x else x[n_idx, :, :, fixed]  # (A, C, size)
+    inside = (coord > -1) & (coord < size)
+    coord = torch.where(inside, coord, torch.zeros_like(coord))
+    low = coord.floor()
+    frac = (coord - low).unsqueeze(1)
+    low = low.long()
+    w_low = torch.where((inside & (low >= 0)).unsqueeze(1), 1 - frac, torch.zeros_like(frac))
+    w_high = torch.where((inside & (low < size - 1)).unsqueeze(1), frac, torch.zeros_like(frac))
+    c = line.shape[1]
+    v_low = line.gather(2, low.clamp(min=0).view(-1, 1, 1).expand(-1, c, 1)).squeeze(2)
+    v_high = line.gather(2, (low + 1).clamp(max=size - 1).view(-1, 1, 1).expand(-1, c, 1)).squeeze(2)
+    return w_low * v_low + w_high * v_high
+
+
+class _BorderOffsetGrad(torch.autograd.Function):
+    """Identity on the torchvision output whose backward adds (mmcv - torchvision) to the offset
+    gradient.
+
+    mmcv (``dmcn_get_coordinate_weight``) gives a zero offset gradient for a sample point with
+    y <= -1 or x <= -1 (it reads 0 there). torchvision's kernel differentiates the bilinear
+    interpolation from the right at exactly y = -1: d/dy = the sample of row 0 at x (and at
+    x = -1, d/dx = the sample of column 0 at y). Everything else (output, input, mask and weight
+    gradients, the offset gradient elsewhere) already agrees. Zero-initialised offsets put every
+    border tap of a padding-1 conv at exactly -1, so this matters at the start of training.
+    The correction visits only the taps at exactly -1 (a sparse set: O(border) per image).
+    """
+
+    @staticmethod
+    def forward(ctx, out, x, offset, mask, weight, stride, padding, dilation):  # type: ignore[override]
+        ctx.save_for_backward(x, offset, mask, weight)
+        ctx.conv = (stride, padding, dilation)
+        return out.view_as(out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, offset, mask, weight = ctx.saved_tensors
+        stride, padding, dilation = ctx.conv
+        grad_offset = _offset_grad_correction(grad_out, x, offset, mask, weight, stride, padding, dilation)
+        return grad_out, None, grad_offset, None, None, None, None, None
+
+
+def _offset_grad_correction(grad_out, x, offset, mask, weight, stride, padding, dilation) -> torch.Tensor:
+    """(mmcv - torchvision) offset gradient, shaped like ``offset`` (non-zero only at taps with a
+    sample coordinate of exactly -1)."""
+    n, c, h, w = x.shape
+    o, cw, kh, kw = weight.shape
+    k = kh * kw
+    dg = offset.shape[1] // (2 * k)
+    ho, wo = offset.shape[2:]
+    dt = torch.promote_types(offset.dtype, torch.float32)
+    dev = offset.device
+    off = offset.detach().reshape(n, dg, k, 2, ho, wo)
+    tap_y = torch.arange(kh, device=dev).repeat_interleave(kw) * dilation[0]
+    tap_x = torch.arange(kw, device=dev).repeat(kh) * dilation[1]
+    out_y = torch.arange(ho, device=dev) * stride[0] - padding[0]
+    out_x = torch.arange(wo, device=dev) * stride[1] - padding[1]
+    # sample coordinates (N, dg, K, Ho, Wo), computed as the kernels do: integer base + offset
+    y = off[:, :, :, 0] + (tap_y.view(k, 1, 1) + out_y.view(1, ho, 1)).to(offset.dtype)
+    xs = off[:, :, :, 1] + (tap_x.view(k, 1, 1) + out_x.view(1, 1, wo)).to(offset.dtype)
+    correction = torch.zeros(n, dg, k, 2, ho, wo, dtype=dt, device=dev)
+    hit = torch.stack((y == -1, xs == -1), dim=3)  # (N, dg, K, 2, Ho, Wo)
+    idx = hit.nonzero()
+    if idx.shape[0] == 0:
+        return correction.to(offset.dtype).view(offset.shape)
+    ni, gi, ki, di, oy, ox = idx.unbind(1)
+    # column gradient at each hit tap: sum_o weight[o, c, k] * grad_out[n, o, oy, ox], for the
+    # input channels c of deform group g (weight groups: only the output channels reading c)
+    groups = c // cw
+    opg = o // groups
+    cg = c // dg
+    order = torch.argsort(ki)  # one small matmul per tap k with that tap's weight slice
+    counts = torch.bincount(ki, minlength=k).tolist()
+    go = grad_out.to(dt)[ni[order], :, oy[order], ox[order]].view(-1, groups, opg)  # (A, groups, O/groups)
+    wk = weight.detach().to(dt).reshape(groups, opg, cw, k)
+    col = torch.empty(idx.shape[0], groups, cw, dtype=dt, device=dev)
+    start = 0
+    for tap, count in enumerate(counts):
+        if count:
+            rows = order[start : start + count]
+            col[rows] = torch.einsum("agp,gpc->agc", go[start : start + count], wk[..., tap])
+            start += count
+    col = col.view(-1, c)  # (A, C)
+    chan = gi.view(-1, 1) * cg + torch.arange(cg, device=dev).view(1, -1)  # (A, C/dg)
+    col = col.gather(1, chan)
+    xd = x.detach().to(dt)
+    # y == -1 (di == 0): torchvision's d/dy is the sample of row 0 at x; x == -1: column 0 at y
+    coord_other = torch.where(di == 0, xs[ni, gi, ki, oy, ox], y[ni, gi, ki, oy, ox]).to(dt)
+    along_x = di == 0
+    samples = torch.empty(idx.shape[0], c, dtype=dt, device=dev)
+    samples[along_x] = _sample_row_or_column(xd, ni[along_x], coord_other[along_x], 0, True)
+    samples[~along_x] = _sample_row_or_column(xd, ni[~along_x], coord_other[~along_x], 0, False)
+    samples = samples.gather(1, chan)
+    value = (col * samples).sum(1)
+    if mask is not None:
+        value = value * mask.detach().to(dt).reshape(n, dg, k, ho, wo)[ni, gi, ki, oy, ox]
+    correction[ni, gi, ki, di, oy, ox] = -value
+    return correction.to(offset.dtype).view(offset.shape)
 
 
 # --- fast path ------------------------------------------------------------------------------------
