@@ -105,7 +105,7 @@ def test_sync_bn_guard(tmp_path, train_module):
     args = train_module.get_args_parser().parse_args([*ONE_EPOCH, "--sync-bn", "--work-dir", str(tmp_path / "s")])
     two_cpu_ranks = DistInfo(rank=0, world_size=2, local_rank=0, local_world_size=2, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="--sync-bn needs CUDA"):
-        train_module._run(args, two_cpu_ranks, time.perf_counter())
+        train_module._run(args, train_module.config_from_args(args), two_cpu_ranks, time.perf_counter())
     assert not (tmp_path / "s").exists()
 
 
