@@ -69,11 +69,16 @@ def _is_dbnetpp_checkpoint(checkpoint: Mapping) -> bool:
     return isinstance(checkpoint.get("model"), Mapping)
 
 
+def _stored(checkpoint: Mapping, section: str, key: str) -> Any:
+    """``config[section][key]`` of a dbnetpp checkpoint, or None."""
+    config = checkpoint.get("config") if _is_dbnetpp_checkpoint(checkpoint) else None
+    values = config.get(section) if isinstance(config, Mapping) else None
+    return values.get(key) if isinstance(values, Mapping) else None
+
+
 def _stored_test_scale(checkpoint: Mapping) -> Optional[Tuple[int, int]]:
     """``config["data"]["test_scale"]`` of a dbnetpp checkpoint, if it has one."""
-    config = checkpoint.get("config") if _is_dbnetpp_checkpoint(checkpoint) else None
-    data = config.get("data") if isinstance(config, Mapping) else None
-    scale = data.get("test_scale") if isinstance(data, Mapping) else None
+    scale = _stored(checkpoint, "data", "test_scale")
     if isinstance(scale, (list, tuple)) and len(scale) == 2:
         return int(scale[0]), int(scale[1])
     return None
@@ -147,7 +152,9 @@ class Detector:
         test_scale: (long, short) of the keep-ratio test resize. Default: the ``data.test_scale``
             stored in a dbnetpp checkpoint's config, else MMOCR's (4068, 1024).
         text_repr_type, mask_thr, min_text_score, min_text_width, unclip_ratio, epsilon_ratio,
-            max_candidates: ``DBPostProcessor`` options with MMOCR's DBNet++ values.
+            max_candidates: ``DBPostProcessor`` options with MMOCR's DBNet++ values;
+            ``text_repr_type`` and ``epsilon_ratio`` default to the recipe's stored in a dbnetpp
+            checkpoint's config (e.g. 0.01 for DBNet), else "quad" and 0.002.
         prepare: fold BN etc. with ``dbnetpp.inference.prepare_for_inference`` (DBNet models only).
     """
 
@@ -158,12 +165,12 @@ class Detector:
         device: Union[str, torch.device] = "cpu",
         test_scale: Optional[Tuple[int, int]] = None,
         *,
-        text_repr_type: str = "quad",
+        text_repr_type: Optional[str] = None,
         mask_thr: float = 0.3,
         min_text_score: float = 0.3,
         min_text_width: float = 5,
         unclip_ratio: float = 1.5,
-        epsilon_ratio: float = 0.002,
+        epsilon_ratio: Optional[float] = None,
         max_candidates: int = 3000,
         prepare: bool = True,
     ) -> None:
@@ -185,6 +192,11 @@ class Detector:
             net = _prepare(net)  # on its device: the memory layout it picks depends on it
         self.model = net.eval()
         self.test_scale = (int(test_scale[0]), int(test_scale[1]))
+        if text_repr_type is None:  # the training recipe's, else MMOCR's DBNet++ test settings
+            text_repr_type = _stored(checkpoint, "model", "text_repr_type") or "quad"
+        if epsilon_ratio is None:
+            stored_epsilon = _stored(checkpoint, "model", "epsilon_ratio")
+            epsilon_ratio = 0.002 if stored_epsilon is None else float(stored_epsilon)
         self.postprocessor = DBPostProcessor(
             text_repr_type=text_repr_type,
             mask_thr=mask_thr,

@@ -411,3 +411,20 @@ def test_zoo_checkpoint_without_torch_2_5_unsafe_globals_api(tmp_path, monkeypat
     state = loaded["state_dict"]
     assert state.keys() == net.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+
+
+def test_postprocessing_defaults_come_from_the_checkpoint_recipe():
+    """A checkpoint trained with a DBNet recipe (epsilon 0.01, as MMOCR's DBNet configs) is
+    post-processed with that recipe's settings unless the caller says otherwise."""
+    from dbnetpp.config import get_config
+    from dbnetpp.models.dbnet import build_model
+
+    net = build_model("dbnet_resnet18_tiny")
+    config = get_config("tiny", model={"epsilon_ratio": 0.01, "text_repr_type": "poly"}).to_dict()
+    checkpoint = {"model": net.state_dict(), "model_name": "dbnet_resnet18_tiny", "config": config}
+    stored = Detector(checkpoint)
+    assert (stored.postprocessor.epsilon_ratio, stored.postprocessor.text_repr_type) == (0.01, "poly")
+    explicit = Detector(checkpoint, epsilon_ratio=0.002, text_repr_type="quad")
+    assert (explicit.postprocessor.epsilon_ratio, explicit.postprocessor.text_repr_type) == (0.002, "quad")
+    bare = Detector({"model": net.state_dict(), "model_name": "dbnet_resnet18_tiny"})
+    assert (bare.postprocessor.epsilon_ratio, bare.postprocessor.text_repr_type) == (0.002, "quad")
