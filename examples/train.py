@@ -24,8 +24,9 @@ Evaluate only:
     python examples/train.py --data data/icdar2015 --load-from runs/dbnetpp/best.pth --test-only
 
 Everything a run writes goes to ``--work-dir``: ``config.json``, ``log.jsonl`` (one JSON
-line per logging step and per evaluation), ``last.pth``, ``best.pth``, ``epoch_N.pth`` and
-``curves.png``.
+line per logging step and per evaluation), ``last.pth``, ``best.pth``, ``epoch_N.pth``,
+``curves.png`` and ``samples/epoch_N.jpg`` (the first 4 held-out images after each evaluation:
+matched detections green, false positives red, missed ground truth yellow, ``###`` grey).
 """
 
 import argparse
@@ -67,6 +68,9 @@ from dbnetpp.meters import JsonlLogger, plot_log
 from dbnetpp.metric import HmeanIoU
 from dbnetpp.models.dbnet import MODEL_NAMES, build_model
 from dbnetpp.postprocess import DBPostProcessor
+from dbnetpp.visualize import save_evaluation_grid
+
+SAMPLE_IMAGES = 4  # held-out images drawn in work_dir/samples/epoch_N.jpg after each evaluation
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -318,7 +322,12 @@ def _run(args: argparse.Namespace, info: dist_utils.DistInfo, start_time: float)
             amp=cfg.train.amp,
             channels_last=cfg.model.channels_last,
             progress=progress,
+            keep_predictions=range(min(SAMPLE_IMAGES, len(test_set))),
         )
+        predictions = result.pop("predictions")
+        if info.is_main:  # the same held-out images every time, drawn as the metric scores them
+            save_evaluation_grid(work_dir / "samples" / f"epoch_{epoch + 1}.jpg", test_source, predictions,
+                                 result["score_thr"])
         record = {"type": "eval", "epoch": epoch, **result, "elapsed_s": time.perf_counter() - start_time}
         logger.log(record)
         if info.is_main:
