@@ -74,7 +74,7 @@ def train_tiny_checkpoint(directory: Path) -> Path:
                 break
     finally:
         torch.set_num_threads(threads)
-    config = get_config("tiny_dbnet").to_dict()
+    config = get_config("tiny").to_dict()
     config["run"] = {"steps": step + 1, "final_loss": loss.item(), "seconds": time.time() - start}
     save_checkpoint({"model": model.state_dict(), "model_name": model.name, "config": config, "epoch": 0}, path)
     return path

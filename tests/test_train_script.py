@@ -71,7 +71,7 @@ def test_torchrun_two_processes_tiny_preset_one_epoch(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     ckpt = torch.load(work / "last.pth", map_location="cpu", weights_only=True)
-    assert ckpt["epoch"] == 0 and ckpt["model_name"] == "dbnetpp_resnet18_dcnv2_tiny"
+    assert ckpt["epoch"] == 0 and ckpt["model_name"] == "dbnet_resnet18_tiny"
     assert len(ckpt["rng"]) == 2  # one RNG state per rank
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # distinct seeds per rank
     assert ckpt["config"]["run"]["world_size"] == 2
@@ -189,9 +189,10 @@ def test_bad_arguments_fail_early(train_module):
         parser.parse_args(["--optimizer", "rmsprop"])
     cfg = train_module.config_from_args(parser.parse_args(["--preset", "tiny", "--epochs", "3", "--no-scale-lr"]))
     got = (cfg.model.name, cfg.train.epochs, cfg.train.scale_lr, cfg.train.optimizer)
-    assert got == ("dbnetpp_resnet18_dcnv2_tiny", 3, False, PRESETS["tiny"].train.optimizer)
-    cfg = train_module.config_from_args(parser.parse_args(["--preset", "tiny_dbnet"]))
-    assert cfg.model.name == "dbnet_resnet18_tiny" and cfg.data == PRESETS["tiny"].data
+    assert got == ("dbnet_resnet18_tiny", 3, False, "adam")
+    for name, model in (("tiny_dbnet", "dbnet_resnet18_tiny"), ("tiny_dbnetpp", "dbnetpp_resnet18_dcnv2_tiny")):
+        cfg = train_module.config_from_args(parser.parse_args(["--preset", name]))
+        assert cfg.model.name == model and cfg.data == PRESETS["tiny"].data and cfg.train == PRESETS["tiny"].train
     default = train_module.config_from_args(parser.parse_args([]))
     t = default.train
     assert (default.model.name, t.optimizer, t.lr, t.momentum, t.weight_decay, t.epochs, t.batch_size) == (

@@ -145,7 +145,7 @@ def dbnetpp_resnet18_dcnv2_tiny(offset_scale: float = 0.1, **kwargs: Any) -> DBN
     """A small DBNet++: half-width ResNet-18 (base 32) with DCNv2 in stages 2-4 (the second 3x3
     conv of each block), FPNC lateral 64 -> 4x16 with ASF, DB head on 64 channels.
 
-    The DBNet++ of the CPU main job (``PRESETS["tiny"]``, Adam): each DCN's offsets and mask
+    Trained on the CPU by ``PRESETS["tiny_dbnetpp"]`` (Adam): each DCN's offsets and mask
     logits are ``offset_scale`` x its ``conv_offset`` output, which under Adam is a learning
     rate ``offset_scale`` times smaller for the offsets (MMDetection's ``dcn_offset_lr_mult``);
     at full rate Adam drives the offsets of an 8x8 stage-4 map to ~10 pixels and training stalls.
