@@ -259,9 +259,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if (args.weights is None) == (args.predictions is None):
         raise ValueError("give either --weights (run a model) or --predictions (score res_*.txt files)")
-    dataset = _eval_dataset(args.data, args.split, require_images=args.predictions is None)
+    dataset = _eval_dataset(args.data, args.split, require_images=args.predictions is None or bool(args.vis))
     metric = HmeanIoU()
     record: Dict[str, Any] = {"data": str(args.data), "split": args.split}
+    drawn: List[Any] = []  # (index, polygons, scores) of every image, for --vis
     if args.predictions is not None:
         pred_dir = Path(args.predictions)
         if not pred_dir.is_dir():
@@ -278,6 +279,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             else:
                 polygons, scores = parse_result_file(found)
             metric.update(polygons, scores, sample["polygons"], sample["ignore"])
+            if args.vis:
+                drawn.append((i, polygons, scores))
         if missing == len(dataset):
             raise FileNotFoundError(f"no res_<image>.txt / .json files for the {args.split} images in {pred_dir}")
         if missing:
@@ -298,6 +301,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             for sample, detections in zip(batch, results):
                 polygons, scores = [p for p, _ in detections], [s for _, s in detections]
                 metric.update(polygons, scores, sample["polygons"], sample["ignore"])
+                if args.vis:
+                    drawn.append((sample["index"], polygons, scores))
                 if save_dir is not None:
                     write_result_file(
                         save_dir / f"res_{Path(sample['path']).stem}.txt",
@@ -307,7 +312,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             batch.clear()
 
         for i in _progress(range(len(dataset)), len(dataset), f"eval {args.split}"):
-            batch.append(dataset[i])
+            batch.append({**dataset[i], "index": i})
             if len(batch) == args.batch_size:
                 flush()
         if batch:
@@ -321,12 +326,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
         score_thr=round(float(result["score_thr"]), 6),
         num_images=int(metric.num_images),
     )
+    if args.vis:
+        _draw_eval(args.vis, dataset, drawn, result["score_thr"])
+        record["vis"] = str(args.vis)
     print(
         f"{args.split}: precision {result['precision']:.4f}  recall {result['recall']:.4f}  "
         f"hmean {result['hmean']:.4f}  (score threshold {record['score_thr']:.1f}, {metric.num_images} images)"
     )
     print(json.dumps(record))
     return 0
+
+
+def _draw_eval(out_dir: str, dataset: Any, drawn: List[Any], score_thr: float) -> None:
+    """vis_<image>.jpg per image in ``out_dir``: detections at the best score threshold, coloured as
+    the metric scored them (dbnetpp.visualize.draw_evaluation)."""
+    from dbnetpp.visualize import draw_evaluation, save_image
+
+    for i, polygons, scores in _progress(drawn, len(drawn), "vis"):
+        sample = dataset[i]
+        picture, _ = draw_evaluation(
+            sample["image"], polygons, scores, sample["polygons"], sample["ignore"], score_thr, show_scores=True
+        )
+        save_image(Path(out_dir) / f"vis_{Path(sample['path']).stem}.jpg", picture)
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
@@ -434,6 +455,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="images per forward pass (default 1); only images of the same padded size share one, "
         "so results do not depend on it",
     )
+    p.add_argument("--vis", default=None, metavar="DIR",
+                   help="draw every image into DIR/vis_<image>.jpg: matched green, false positive red, "
+                   "missed yellow, ### grey")
     _add_run_args(p)
     p.set_defaults(func=cmd_eval)
 

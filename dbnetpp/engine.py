@@ -12,7 +12,7 @@ step, so a run can stop and resume at any step.
 import math
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -305,7 +305,8 @@ def evaluate(
     amp: Optional[str] = None,
     channels_last: bool = False,
     progress: bool = True,
-) -> Dict[str, float]:
+    keep_predictions: Sequence[int] = (),
+) -> Dict[str, Any]:
     """Detect text on every test image and score it with the ICDAR 2015 H-mean.
 
     ``model`` is in eval mode (see ``inference_model``) and maps (N, 3, H, W) to
@@ -314,6 +315,8 @@ def evaluate(
     updates its own ``metric_factory()``; the metric states are gathered and merged, so
     every rank returns the same ``precision``, ``recall``, ``hmean``, ``score_thr``,
     ``num_images`` and ``eval_s``. Duplicates added by DistributedSampler are skipped.
+    With ``keep_predictions`` (dataset indices) the result also holds ``predictions``:
+    ``{index: (polygons, scores)}`` for those images, gathered from every rank.
     """
     start = time.perf_counter()
     metric = metric_factory()
@@ -321,6 +324,9 @@ def evaluate(
     main = dist_utils.is_main_process()
     seen = 0
     flags = _padding_flags(data_loader, len(data_loader.sampler))  # type: ignore[arg-type]
+    wanted = set(int(i) for i in keep_predictions)
+    order = list(iter(data_loader.sampler)) if wanted else []  # type: ignore[arg-type]
+    kept: Dict[int, Any] = {}
     for batch in tqdm(data_loader, desc="eval", disable=not (main and progress), leave=False):
         images = batch[_images_key(batch)].to(device, non_blocking=True)
         if channels_last:
@@ -335,6 +341,8 @@ def evaluate(
                 continue
             polygons, scores = postprocessor(prob[i], scale=tuple(batch["scale"][i]))
             metric.update(polygons, scores, batch["polygons"][i], batch["ignore"][i])
+            if wanted and int(order[seen - 1]) in wanted:
+                kept[int(order[seen - 1])] = (polygons, scores)
 
     states = dist_utils.all_gather_object(metric.state())
     merged = metric_factory()
@@ -344,5 +352,7 @@ def evaluate(
         raise RuntimeError(f"evaluated {merged.num_images} images, the test set has {total}")
     result = dict(merged.compute())
     result["num_images"] = merged.num_images
+    if wanted:
+        result["predictions"] = {k: v for part in dist_utils.all_gather_object(kept) for k, v in part.items()}
     result["eval_s"] = time.perf_counter() - start
     return result

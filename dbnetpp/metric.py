@@ -23,7 +23,7 @@ threshold right away, so the state is a few integers: :meth:`HmeanIoU.state`
 and :meth:`HmeanIoU.merge` carry it across processes.
 """
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import shapely
@@ -92,20 +92,28 @@ def iou_matrix(gts: Sequence[Polygon], preds: Sequence[Polygon]) -> np.ndarray:
     return iou
 
 
-def vanilla_match_count(matched: np.ndarray) -> int:
+def vanilla_match_pairs(matched: np.ndarray) -> List[Tuple[int, int]]:
     """Greedy matching of a boolean (G, P) matrix in row-major order: a pair
-    is accepted when neither its gt nor its prediction is taken yet."""
+    is accepted when neither its gt nor its prediction is taken yet. Returns the
+    accepted (gt, pred) index pairs."""
     used_gt, used_pred = set(), set()
+    pairs = []
     for g, p in zip(*np.nonzero(matched)):
         if g in used_gt or p in used_pred:
             continue
         used_gt.add(g)
         used_pred.add(p)
-    return len(used_gt)
+        pairs.append((int(g), int(p)))
+    return pairs
 
 
-def max_match_count(matched: np.ndarray) -> int:
-    """Size of a maximum bipartite matching of a boolean (G, P) matrix.
+def vanilla_match_count(matched: np.ndarray) -> int:
+    """Number of pairs of :func:`vanilla_match_pairs`."""
+    return len(vanilla_match_pairs(matched))
+
+
+def max_match_pairs(matched: np.ndarray) -> List[Tuple[int, int]]:
+    """(gt, pred) pairs of a maximum bipartite matching of a boolean (G, P) matrix.
 
     Augmenting paths (Kuhn's algorithm, iterative): O(G * edges), plenty for the tens of
     polygons of an image; no scipy needed.
@@ -137,7 +145,12 @@ def max_match_count(matched: np.ndarray) -> int:
         p = free
         for gt, _ in reversed(stack if free >= 0 else []):
             pred_owner[p], gt_match[gt], p = gt, p, gt_match[gt]
-    return sum(m >= 0 for m in gt_match)
+    return [(g, p) for g, p in enumerate(gt_match) if p >= 0]
+
+
+def max_match_count(matched: np.ndarray) -> int:
+    """Size of a maximum bipartite matching of a boolean (G, P) matrix."""
+    return len(max_match_pairs(matched))
 
 
 def compute_hmean(hits: int, gt_num: int, pred_num: int) -> Dict[str, float]:
@@ -217,6 +230,27 @@ class HmeanIoU:
             gt_polygons: ground-truth polygons, same format.
             gt_ignore: one bool per ground-truth polygon, True for ``###``.
         """
+        scores, pred_ignore, cared, kept, iou = self._image(pred_polygons, pred_scores, gt_polygons, gt_ignore)
+        kept_scores = scores[kept]
+
+        # 3. per-threshold hit and prediction counts
+        count = vanilla_match_count if self.strategy == "vanilla" else max_match_count
+        for t, thr in enumerate(self.score_thrs):
+            keep = ~(kept_scores < thr)
+            self.hits[t] += count(iou[:, keep] > self.match_iou_thr)
+            self.pred_nums[t] += int(keep.sum())
+        self.gt_num += len(cared)
+        self.num_images += 1
+
+    def _image(
+        self,
+        pred_polygons: Sequence[Any],
+        pred_scores: Sequence[float],
+        gt_polygons: Sequence[Any],
+        gt_ignore: Sequence[bool],
+    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Steps 1 and 2 for one image: (scores (P,) float32 values as float64, pred_ignore (P,) bool,
+        cared gt indices (G',), kept pred indices (P',), IoU (G', P'))."""
         # float32 like MMOCR's scores, then compared in float64 whatever numpy's promotion rules
         # (numpy 1.x would compare a float32 array with a float64 scalar in float32)
         scores = np.asarray(_to_numpy(pred_scores), dtype=np.float32).reshape(-1).astype(np.float64)
@@ -249,16 +283,40 @@ class HmeanIoU:
         kept = np.flatnonzero(~pred_ignore)
         cared = np.flatnonzero(~ignore)
         iou = iou_matrix([valid_gts[i] for i in cared], [valid_preds[i] for i in kept])
-        kept_scores = scores[kept]
+        return scores, pred_ignore, cared, kept, iou
 
-        # 3. per-threshold hit and prediction counts
-        count = vanilla_match_count if self.strategy == "vanilla" else max_match_count
-        for t, thr in enumerate(self.score_thrs):
-            keep = ~(kept_scores < thr)
-            self.hits[t] += count(iou[:, keep] > self.match_iou_thr)
-            self.pred_nums[t] += int(keep.sum())
-        self.gt_num += len(cared)
-        self.num_images += 1
+    def match(
+        self,
+        pred_polygons: Sequence[Any],
+        pred_scores: Sequence[float],
+        gt_polygons: Sequence[Any],
+        gt_ignore: Sequence[bool],
+        score_thr: Optional[float] = None,
+    ) -> Dict[str, Any]:
+        """How one image is scored at ``score_thr`` (default: the lowest threshold), exactly as
+        :meth:`update` counts it; does not change the accumulated state.
+
+        Returns ``{"pred": list of str, one per prediction: "matched", "false_positive",
+        "ignored" (inside a ``###`` region) or "below_thr"; "gt": list of str, one per
+        ground-truth polygon: "matched", "missed" or "ignored"; "pairs": list of (gt, pred)
+        index pairs}``. The number of pairs is this image's hit count at ``score_thr``.
+        """
+        # a float64 threshold, as update() compares with the float64 self.score_thrs entries
+        thr = self.score_thrs.min() if score_thr is None else np.float64(score_thr)
+        scores, pred_ignore, cared, kept, iou = self._image(pred_polygons, pred_scores, gt_polygons, gt_ignore)
+        pred_state = ["ignored" if ig else "false_positive" for ig in pred_ignore.tolist()]
+        for i in np.flatnonzero((scores < thr) | (scores < self.score_thrs.min())):
+            pred_state[i] = "below_thr"
+        gt_state = ["ignored" if ig else "missed" for ig in np.asarray(_to_numpy(gt_ignore), dtype=bool).tolist()]
+        keep = ~(scores[kept] < thr)
+        columns = kept[keep]
+        find = vanilla_match_pairs if self.strategy == "vanilla" else max_match_pairs
+        pairs = []
+        for g, p in find(iou[:, keep] > self.match_iou_thr):
+            gi, pi = int(cared[g]), int(columns[p])
+            gt_state[gi], pred_state[pi] = "matched", "matched"
+            pairs.append((gi, pi))
+        return {"pred": pred_state, "gt": gt_state, "pairs": pairs}
 
     def compute_all(self) -> List[Dict[str, float]]:
         """Precision / recall / H-mean at every score threshold."""

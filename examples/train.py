@@ -37,8 +37,10 @@ Evaluate only:
 
 Everything a run writes goes to ``--work-dir``: ``config.json``, ``log.jsonl`` (one JSON
 line per logging step, evaluation and resume), ``last.pth``, ``best.pth``, ``epoch_N.pth``,
-``iter_N.pth`` and ``curves.png``. Bad input ends with one ``error: ...`` line and status 1
-(``DBNETPP_DEBUG=1`` shows the traceback).
+``iter_N.pth``, ``curves.png`` and ``samples/epoch_N.jpg`` (the first 4 held-out images after each
+evaluation: matched detections green, false positives red, missed ground truth yellow, ``###``
+grey). Bad input ends with one ``error: ...`` line and status 1 (``DBNETPP_DEBUG=1`` shows the
+traceback).
 """
 
 import argparse
@@ -92,8 +94,10 @@ from dbnetpp.preemption import PREEMPTED_EXIT_STATUS, Preempted, PreemptionHandl
 from dbnetpp.resume import check_training_checkpoint, find_resume_checkpoint, resume_position
 from dbnetpp.sampler import ResumableSampler
 from dbnetpp.schedules import lr_at_step, schedule_length
-
+from dbnetpp.visualize import save_evaluation_grid
 from dbnetpp.pretrained import initialize
+
+SAMPLE_IMAGES = 4  # held-out images drawn in work_dir/samples/epoch_N.jpg after each evaluation
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -415,7 +419,12 @@ def _run(args: argparse.Namespace, cfg: Config, info: dist_utils.DistInfo, start
             amp=cfg.train.amp,
             channels_last=cfg.model.channels_last,
             progress=progress,
+            keep_predictions=range(min(SAMPLE_IMAGES, len(test_set))),
         )
+        predictions = result.pop("predictions")
+        if info.is_main:  # the same held-out images every time, drawn as the metric scores them
+            save_evaluation_grid(work_dir / "samples" / f"epoch_{epoch + 1}.jpg", test_source, predictions,
+                                 result["score_thr"])
         record = {"type": "eval", "epoch": epoch, **result, "elapsed_s": time.perf_counter() - start_time}
         logger.log(record)
         if info.is_main:

@@ -211,6 +211,20 @@ def test_evaluate_single_process_hand_computed():
     assert result["hmean"] == pytest.approx(2 * (4 / 7) / (1 + 4 / 7))
 
 
+def test_evaluate_keeps_predictions_of_chosen_images():
+    """keep_predictions: exactly those dataset indices, each with the post-processor's own output."""
+    loader = DataLoader(Boxes(), batch_size=3, collate_fn=collate)
+    result = evaluate(lambda x: x[:, 0], loader, torch.device("cpu"), fake_pp, HmeanIoU, progress=False,
+                      keep_predictions=[6, 0, 4])  # fmt: skip
+    assert sorted(result["predictions"]) == [0, 4, 6]
+    for i, (polygons, scores) in result["predictions"].items():
+        want_polygons, want_scores = fake_pp(np.full((32, 32), float(i)), scale=(2.0, 2.0))
+        assert len(polygons) == len(want_polygons) == (2 if i % 3 else 1) and scores == want_scores
+        assert all(np.array_equal(a, b) for a, b in zip(polygons, want_polygons))
+    plain = evaluate(lambda x: x[:, 0], loader, torch.device("cpu"), fake_pp, HmeanIoU, progress=False)
+    assert "predictions" not in plain and plain["hmean"] == result["hmean"]
+
+
 def test_padding_flags_mark_distributed_sampler_duplicates():
     data = Boxes()  # 7 images on 3 ranks: 9 slots, the last 2 are duplicates
     flags = {}

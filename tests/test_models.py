@@ -50,9 +50,31 @@ def test_resnet_matches_torchvision(depth, factory):
         assert (g - e).abs().max() <= 1e-5, f"stage {i}"
 
 
+def test_resnet18_dcn_is_the_plain_resnet18_at_zero_offsets_and_full_mask():
+    """BasicBlock's DCN conv2 (the small DBNet++): with zero offsets and the mask pushed to 1 it is the
+    plain 3x3 convolution, so a DCN ResNet-18 with the plain one's weights gives its outputs."""
+    torch.manual_seed(0)
+    plain = ResNet(18, base_channels=16).eval()
+    randomize_bn_stats(plain)
+    dcn = ResNet(18, base_channels=16, dcn_stages=(False, True, True, True)).eval()
+    layers = [m for m in dcn.modules() if isinstance(m, ModulatedDeformConv2d)]
+    assert len(layers) == 6 and all(isinstance(m.conv2, ModulatedDeformConv2d) == (i > 0)
+                                    for i, layer in enumerate((dcn.layer1, dcn.layer2, dcn.layer3, dcn.layer4))
+                                    for m in layer)  # fmt: skip
+    missing, unexpected = dcn.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all("conv_offset" in k for k in missing) and len(missing) == 12
+    with torch.no_grad():
+        for m in layers:
+            m.conv_offset.bias[18:] = 40.0  # sigmoid(40) == 1 in float32
+        x = torch.randn(2, 3, 64, 96)
+        for got, want in zip(dcn(x), plain(x)):
+            assert (got - want).abs().max() <= 1e-4
+        for m in layers:
+            m.conv_offset.bias[18:] = 0.0  # mask 0.5: not the plain network any more
+        assert (dcn(x)[3] - plain(x)[3]).abs().max() > 1e-2
+
+
 def test_resnet_options_and_errors():
-    with pytest.raises(NotImplementedError):
-        ResNet(18, dcn_stages=(False, True, False, False))
     with pytest.raises(ValueError, match="depth"):
         ResNet(42)
     with pytest.raises(ValueError, match="dcn_stages"):

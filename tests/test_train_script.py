@@ -193,6 +193,9 @@ def test_bad_arguments_fail_early(train_module):
     cfg = train_module.config_from_args(parser.parse_args(["--preset", "tiny", "--epochs", "3", "--no-scale-lr"]))
     got = (cfg.model.name, cfg.train.epochs, cfg.train.scale_lr, cfg.train.optimizer)
     assert got == ("dbnet_resnet18_tiny", 3, False, "adam")
+    for name, model in (("tiny_dbnet", "dbnet_resnet18_tiny"), ("tiny_dbnetpp", "dbnetpp_resnet18_dcnv2_tiny")):
+        cfg = train_module.config_from_args(parser.parse_args(["--preset", name]))
+        assert cfg.model.name == model and cfg.data == PRESETS["tiny"].data and cfg.train == PRESETS["tiny"].train
     default = train_module.config_from_args(parser.parse_args([]))
     t = default.train
     assert (default.model.name, t.optimizer, t.lr, t.momentum, t.weight_decay, t.epochs, t.batch_size) == (

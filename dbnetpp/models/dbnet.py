@@ -29,6 +29,7 @@ __all__ = [
     "dbnet_resnet18",
     "dbnet_resnet18_tiny",
     "same_architecture",
+    "dbnetpp_resnet18_dcnv2_tiny",
     "set_dcn_impl",
 ]
 
@@ -128,6 +129,31 @@ _CLIP = dict(backbone="clip_resnet", depth=50, norm_eval=True)  # MMDetection's 
 # Every MMOCR row: FPNC lateral 256 -> 4 x 64, DB head on 256 channels without bias, k = 50,
 # frozen_stages -1. ``dbnet_resnet50-dcnv2_fpnc_100k_synthtext`` is left out: MMOCR 1.0.1's own
 # config of that name does not parse.
+class _ScaleOutput:
+    """Forward hook multiplying a module's output by ``scale`` (picklable, unlike a lambda)."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def __call__(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        return output * self.scale
+
+
+def _dbnet_scaled_offsets(name: str, *, offset_scale: float = 0.1, **kwargs: Any) -> DBNet:
+    """``_dbnet`` whose DCN offsets and mask logits are ``offset_scale`` x each ``conv_offset``
+    output: under Adam a learning rate ``offset_scale`` times smaller for the offsets
+    (MMDetection's ``dcn_offset_lr_mult``); at full rate Adam drives the offsets of the tiny
+    model's 8x8 stage-4 map to ~10 pixels and training stalls."""
+    model = _dbnet(name, **kwargs)
+    if offset_scale != 1.0:
+        for m in model.modules():
+            if isinstance(m, ModulatedDeformConv2d):
+                m.conv_offset.register_forward_hook(_ScaleOutput(offset_scale))
+    return model
+
+
+_TINY = dict(depth=18, base_channels=32, lateral_channels=64, out_channels=16)
+
 _TABLE: Dict[str, Tuple[Callable[..., DBNet], Dict[str, Any]]] = {
     # DBNet, ResNet-18 (a0)
     "dbnet_resnet18_fpnc_1200e_icdar2015": (_dbnet, dict(_R18)),
@@ -151,7 +177,9 @@ _TABLE: Dict[str, Tuple[Callable[..., DBNet], Dict[str, Any]]] = {
     "dbnetpp_resnet50": (_dbnet, dict(depth=50, asf=True)),  # = a6
     "dbnet_resnet18": (_dbnet, dict(depth=18)),  # = a0
     # half-width ResNet-18 (base 32), FPNC lateral 64 -> 4 x 16: learns on a 2-core CPU in minutes
-    "dbnet_resnet18_tiny": (_dbnet, dict(depth=18, base_channels=32, lateral_channels=64, out_channels=16)),
+    "dbnet_resnet18_tiny": (_dbnet, dict(_TINY)),
+    # the same with DCNv2 in stages 2-4 (BasicBlock conv2) and the ASF neck: a small DBNet++
+    "dbnetpp_resnet18_dcnv2_tiny": (_dbnet_scaled_offsets, dict(_TINY, dcn_stages=_DCN_234, asf=True)),
 }
 
 MODEL_NAMES: Tuple[str, ...] = tuple(_TABLE)
@@ -177,6 +205,11 @@ def dbnet_resnet18_tiny(**kwargs: Any) -> DBNet:
     return build_model("dbnet_resnet18_tiny", **kwargs)
 
 
+def dbnetpp_resnet18_dcnv2_tiny(**kwargs: Any) -> DBNet:
+    """The tiny model with DCNv2 in stages 2-4 and the ASF neck (a small DBNet++)."""
+    return build_model("dbnetpp_resnet18_dcnv2_tiny", **kwargs)
+
+
 _OVERRIDES = (
     "depth",
     "dcn_stages",
@@ -189,6 +222,7 @@ _OVERRIDES = (
     "head_with_bias",
     "k",
     "dcn_impl",
+    "offset_scale",  # dbnetpp_resnet18_dcnv2_tiny only
 )
 
 

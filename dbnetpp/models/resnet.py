@@ -32,7 +32,11 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convolutions (ResNet-18/34). Output channels = ``planes``."""
+    """Two 3x3 convolutions (ResNet-18/34). Output channels = ``planes``.
+
+    With ``dcn`` the second (stride-1) 3x3 convolution is a DCNv2, as in the small DBNet++
+    (``dbnetpp_resnet18_dcnv2_tiny``); MMDetection's BasicBlock has no DCN option.
+    """
 
     expansion: int = 1
 
@@ -45,12 +49,13 @@ class BasicBlock(nn.Module):
         dcn: bool = False,
     ) -> None:
         super().__init__()
-        if dcn:
-            raise NotImplementedError("DCN is only supported in Bottleneck blocks (ResNet-50/101)")
         self.conv1 = conv3x3(inplanes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes)
+        if dcn:
+            self.conv2: nn.Module = ModulatedDeformConv2d(planes, planes, kernel_size=3, padding=1, bias=False)
+        else:
+            self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
         self.stride = stride
@@ -112,8 +117,7 @@ class ResNet(nn.Module):
 
     Args:
         depth: 18, 34, 50 or 101.
-        dcn_stages: per stage, whether the 3x3 ``conv2`` of every block is a DCNv2
-            (Bottleneck only). MMOCR's DBNet++ uses ``(False, True, True, True)``.
+        dcn_stages: per stage, whether the 3x3 ``conv2`` of every block is a DCNv2. MMOCR's DBNet++ uses ``(False, True, True, True)``.
         norm_eval: keep every BatchNorm in eval mode (frozen statistics) during training.
         frozen_stages: -1 freezes nothing; 0 freezes the stem; ``i`` >= 1 freezes the stem and
             ``layer1``..``layer{i}`` (no gradients, BatchNorms kept in eval mode).
@@ -147,8 +151,6 @@ class ResNet(nn.Module):
         if base_channels < 1:
             raise ValueError(f"base_channels must be positive, got {base_channels}")
         block, layers = _ARCH[depth]
-        if block is BasicBlock and any(dcn_stages):
-            raise NotImplementedError(f"DCN is only supported for ResNet-50/101, not ResNet-{depth}")
 
         self.depth = depth
         self.dcn_stages = dcn_stages
