@@ -70,8 +70,9 @@ def test_json_is_consistent():
 
 def test_every_config_name_is_a_model_name():
     assert set(CONFIGS) <= set(MODEL_NAMES)
-    assert set(SHORT_NAMES) | {"dbnet_resnet18_tiny"} <= set(MODEL_NAMES)
-    assert len(set(MODEL_NAMES)) == len(MODEL_NAMES) == 14
+    tiny = {"dbnet_resnet18_tiny", "dbnetpp_resnet18_dcnv2_tiny"}
+    assert set(SHORT_NAMES) | tiny <= set(MODEL_NAMES)
+    assert len(set(MODEL_NAMES)) == len(MODEL_NAMES) == len(CONFIGS) + len(SHORT_NAMES) + len(tiny) == 15
     assert set(SETTINGS) == set(CONFIGS)
 
 
