@@ -23,7 +23,8 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+
+from .resnet import freeze, keep_frozen_in_eval
 
 __all__ = ["CLIPBottleneck", "CLIPResNet"]
 
@@ -153,19 +154,12 @@ class CLIPResNet(nn.Module):
         return [self.stem] + [getattr(self, f"layer{i}") for i in range(1, self.frozen_stages + 1)]
 
     def _freeze_stages(self) -> None:
-        for module in self._frozen_modules():
-            module.eval()
-            for param in module.parameters():
-                param.requires_grad = False
+        freeze(self._frozen_modules())
 
     def train(self, mode: bool = True) -> "CLIPResNet":
         """Switch mode, keeping frozen stages (and all BNs if ``norm_eval``) in eval mode."""
         super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, _BatchNorm):
-                    m.eval()
+        keep_frozen_in_eval(self, self._frozen_modules(), mode and self.norm_eval)
         return self
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

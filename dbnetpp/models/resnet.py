@@ -18,7 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .dcn import ModulatedDeformConv2d
 
-__all__ = ["BasicBlock", "Bottleneck", "ResNet"]
+__all__ = ["BasicBlock", "Bottleneck", "ResNet", "freeze", "keep_frozen_in_eval"]
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -110,6 +110,24 @@ _ARCH = {
     50: (Bottleneck, (3, 4, 6, 3)),
     101: (Bottleneck, (3, 4, 23, 3)),
 }
+
+
+def freeze(modules: Sequence[nn.Module]) -> None:
+    """Eval mode and no gradients for ``modules`` (MMDetection's ``frozen_stages``)."""
+    for module in modules:
+        module.eval()
+        for param in module.parameters():
+            param.requires_grad = False
+
+
+def keep_frozen_in_eval(backbone: nn.Module, frozen: Sequence[nn.Module], norm_eval: bool) -> None:
+    """After ``backbone.train(mode)``: put the frozen modules back in eval mode, and every
+    BatchNorm too when ``norm_eval`` (frozen statistics, MMDetection's ``norm_eval``)."""
+    freeze(frozen)
+    if norm_eval:
+        for m in backbone.modules():
+            if isinstance(m, _BatchNorm):
+                m.eval()
 
 
 class ResNet(nn.Module):
@@ -219,19 +237,12 @@ class ResNet(nn.Module):
         return modules
 
     def _freeze_stages(self) -> None:
-        for module in self._frozen_modules():
-            module.eval()
-            for param in module.parameters():
-                param.requires_grad = False
+        freeze(self._frozen_modules())
 
     def train(self, mode: bool = True) -> "ResNet":
         """Switch mode, keeping frozen stages (and all BNs if ``norm_eval``) in eval mode."""
         super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, _BatchNorm):
-                    m.eval()
+        keep_frozen_in_eval(self, self._frozen_modules(), mode and self.norm_eval)
         return self
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
