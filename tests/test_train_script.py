@@ -205,3 +205,15 @@ def test_bad_arguments_fail_early(train_module):
         0.9, 1e-7, 20, 20, (4068, 1024),
     )  # fmt: skip
     assert math.isclose(t.lr, 0.007)
+
+
+def test_recipes_keep_their_lr_unless_auto_scale_lr(train_module):
+    """MMOCR's recipes do not scale the LR with the total batch (MMOCR scales only under
+    --auto-scale-lr); the flag of the same name turns scaling on, and contradicting flags fail."""
+    parser = train_module.get_args_parser()
+    recipe = "dbnetpp_resnet50_fpnc_1200e_icdar2015"
+    assert train_module.config_from_args(parser.parse_args(["--preset", recipe])).train.scale_lr is False
+    scaled = train_module.config_from_args(parser.parse_args(["--preset", recipe, "--auto-scale-lr"]))
+    assert scaled.train.scale_lr is True and scaled.train.lr == 0.003
+    with pytest.raises(ValueError, match="contradict"):
+        train_module.check_args(parser.parse_args(["--no-scale-lr", "--auto-scale-lr"]))
