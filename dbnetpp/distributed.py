@@ -108,6 +108,19 @@ def init_distributed(device: Optional[str] = None, timeout_s: float = DEFAULT_TI
     return DistInfo(rank, world_size, local_rank, local_world_size, dev)
 
 
+def _has_key(store: Any, key: str) -> bool:
+    """Whether ``store`` holds ``key``, without waiting. ``Store.check`` is missing on some stores
+    of older torch (HashStore in 2.1): there a 1 ms ``wait`` answers the same question."""
+    check = getattr(store, "check", None)
+    if check is not None:
+        return bool(check([key]))
+    try:
+        store.wait([key], timedelta(milliseconds=1))
+    except RuntimeError:  # timed out: not there (DistStoreError subclasses RuntimeError)
+        return False
+    return True
+
+
 def _agree_on_round(store: Any, rank: int, world_size: int, timeout_s: float) -> str:
     """A random id shared by every rank of this round, never one of an earlier round.
 
@@ -129,9 +142,9 @@ def _agree_on_round(store: Any, rank: int, world_size: int, timeout_s: float) ->
     deadline = time.monotonic() + timeout_s
     while pending:
         for r in sorted(pending):
-            if store.check([f"{_KEY}/ack/{round_id}/{r}"]):
+            if _has_key(store, f"{_KEY}/ack/{round_id}/{r}"):
                 pending.discard(r)
-            elif store.check([f"{_KEY}/hello/{r}"]):
+            elif _has_key(store, f"{_KEY}/hello/{r}"):
                 nonce = store.get(f"{_KEY}/hello/{r}").decode()
                 if answered.get(r) != nonce:
                     store.set(f"{_KEY}/answer/{nonce}", round_id)
@@ -161,7 +174,7 @@ def report_failure(rank: int, where: str, cause: str = "", wait_s: float = 5.0) 
         store.set(f"failed/{rank}", where)
         deadline = time.monotonic() + wait_s
         while True:
-            missing = [r for r in range(world_size) if not store.check([f"failed/{r}"])]
+            missing = [r for r in range(world_size) if not _has_key(store, f"failed/{r}")]
             if not missing or time.monotonic() > deadline:
                 break
             time.sleep(0.1)

@@ -49,6 +49,7 @@ NEWER_APIS = {
     r"torch\.utils\.swap_tensors|module_load\(": ("torch", (2, 3), set()),
     r"torch\.nn\.attention": ("torch", (2, 2), set()),
     r"in_order\s*=": ("torch", (2, 6), set()),  # DataLoader(in_order=...)
+    r"\.check\(\[": ("torch", (2, 2), {"_has_key"}),  # Store.check: missing on HashStore in 2.1
     r"torchvision\.transforms\.v2|torchvision\.tv_tensors": ("torchvision", (0, 16), set()),
     r"np\.(concat|unstack|trapezoid|isdtype|astype|cumulative_sum|cumulative_prod|permute_dims)\(": (
         "numpy", (2, 0), set()),
