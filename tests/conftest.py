@@ -30,3 +30,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def offline_hub_cache(tmp_path, monkeypatch):
+    """torch hub's cache under tmp_path (TORCH_HOME) and no network: urlopen refuses every URL
+    but file:// ones. Returns the checkpoints folder."""
+    import urllib.error
+    import urllib.request
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    real = urllib.request.urlopen
+
+    def local_only(request, *args, **kwargs):
+        url = request.full_url if isinstance(request, urllib.request.Request) else request
+        if not url.startswith("file://"):
+            raise urllib.error.URLError("network disabled in tests")
+        return real(request, *args, **kwargs)
+
+    monkeypatch.setattr(urllib.request, "urlopen", local_only)
+    return tmp_path / "torch_home" / "hub" / "checkpoints"

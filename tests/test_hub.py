@@ -5,8 +5,6 @@ from ``file://`` URLs, the cache lives under a temporary TORCH_HOME, and any oth
 import hashlib
 import json
 import re
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import cv2
@@ -22,19 +20,8 @@ from dbnetpp.models.dbnet import MODEL_NAMES, build_model
 
 
 @pytest.fixture(autouse=True)
-def offline_cache(tmp_path, monkeypatch):
-    """TORCH_HOME under tmp_path; urlopen refuses everything but file:// URLs."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    real = urllib.request.urlopen
-
-    def local_only(request, *args, **kwargs):
-        url = request.full_url if isinstance(request, urllib.request.Request) else request
-        if not url.startswith("file://"):
-            raise urllib.error.URLError("network disabled in tests")
-        return real(request, *args, **kwargs)
-
-    monkeypatch.setattr(urllib.request, "urlopen", local_only)
-    return tmp_path / "torch_home" / "hub" / "checkpoints"
+def offline_cache(offline_hub_cache):
+    return offline_hub_cache
 
 
 def mmocr_checkpoint(model):

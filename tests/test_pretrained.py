@@ -5,8 +5,6 @@ are served from ``file://`` URLs and every other URL fails."""
 
 import dataclasses
 import hashlib
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,18 +18,8 @@ from dbnetpp.pretrained import initialize
 
 
 @pytest.fixture(autouse=True)
-def offline_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    real = urllib.request.urlopen
-
-    def local_only(request, *args, **kwargs):
-        url = request.full_url if isinstance(request, urllib.request.Request) else request
-        if not url.startswith("file://"):
-            raise urllib.error.URLError("network disabled in tests")
-        return real(request, *args, **kwargs)
-
-    monkeypatch.setattr(urllib.request, "urlopen", local_only)
-    return tmp_path / "torch_home" / "hub" / "checkpoints"
+def offline_cache(offline_hub_cache):
+    return offline_hub_cache
 
 
 def imagenet_like(depth: int, seed: int = 0):
