@@ -15,6 +15,7 @@ from dbnetpp import load_mmocr_checkpoint
 from dbnetpp.models import MODEL_NAMES, DBNet, ModulatedDeformConv2d, build_model
 from dbnetpp.models.clip_resnet import CLIPResNet
 from dbnetpp.models.resnet import ResNet
+from helpers import random_state_dict
 
 KEYS_FILE = Path(__file__).parent / "data" / "mmocr_dbnet_family_keys.json"
 FAMILY = json.loads(KEYS_FILE.read_text())
@@ -45,19 +46,6 @@ def expected_keys(arch):
 
 def own_keys(model):
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def random_state_dict(keys, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, shape in keys.items():
-        if k.endswith("num_batches_tracked"):
-            sd[k] = torch.randint(0, 1000, shape, generator=g, dtype=torch.long)
-        elif k.endswith("running_var"):
-            sd[k] = torch.rand(shape, generator=g) + 0.5
-        else:
-            sd[k] = torch.randn(shape, generator=g)
-    return sd
 
 
 def test_json_is_consistent():

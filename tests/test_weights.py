@@ -7,6 +7,7 @@ import torchvision
 
 from dbnetpp.models import ModulatedDeformConv2d, build_model
 from dbnetpp.weights import load_mmocr_checkpoint, load_oclip_backbone, load_torchvision_backbone
+from helpers import random_state_dict
 
 MMOCR_PARAMS = 26_904_875  # MMOCR v1.0.1 DBNet++ R50-DCNv2: sum of parameter numels
 MMOCR_PARAM_TENSORS = 218
@@ -27,19 +28,6 @@ def mmocr_keys():
 @pytest.fixture(scope="module")
 def model():
     return build_model("dbnetpp_resnet50_dcnv2")
-
-
-def random_state_dict(keys, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, shape in keys:
-        if k.endswith("num_batches_tracked"):
-            sd[k] = torch.randint(0, 1000, shape, generator=g, dtype=torch.long)
-        elif k.endswith("running_var"):
-            sd[k] = torch.rand(shape, generator=g) + 0.5
-        else:
-            sd[k] = torch.randn(shape, generator=g)
-    return sd
 
 
 def test_parameter_count(model):
