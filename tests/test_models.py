@@ -353,3 +353,35 @@ def test_backward_reaches_every_parameter():
     offset_grads = [m.conv_offset.weight.grad for m in model.modules() if isinstance(m, ModulatedDeformConv2d)]
     assert len(offset_grads) == 13
     assert all(gr.abs().sum() > 0 for gr in offset_grads)
+
+
+def test_small_dbnetpp_attention_starts_uniform_and_learns_slowly():
+    """dbnetpp_resnet18_dcnv2_tiny: the ASF attention weights every scale 0.5 at the start, and
+    one Adam step moves its convolution weights attention_scale x lr, not lr (the LR multiplier
+    that lets the narrow DBNet++ learn); the offsets are offset_scale x conv_offset's output."""
+    torch.manual_seed(0)
+    model = build_model("dbnetpp_resnet18_dcnv2_tiny", attention_scale=0.01)
+    model.train()
+    x = torch.randn(2, 3, 64, 64)
+    captured = {}
+    hook = model.neck.asf_attn.register_forward_hook(lambda m, i, o: captured.setdefault("a", o))
+    out = model(x)
+    hook.remove()
+    assert torch.equal(captured["a"], torch.full_like(captured["a"], 0.5))
+
+    attn = model.neck.asf_attn.attention_wise.conv  # the one with a gradient while it is zero
+    before = attn.weight.detach().clone()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    (out["prob_logits"].mean() + out["thr_map"].mean()).backward()
+    opt.step()
+    moved = (attn.weight.detach() - before).abs().max().item()
+    assert 0 < moved <= 1e-3 * 0.01 * 1.01  # Adam's first step is lr per element, times the scale
+    head = model.det_head.binarize[0]
+    assert head.weight.grad is not None
+
+    dcn = next(m for m in model.modules() if isinstance(m, ModulatedDeformConv2d))
+    with torch.no_grad():
+        dcn.conv_offset.weight.zero_()
+        dcn.conv_offset.bias.fill_(1.0)
+        offset, _ = dcn.offset_and_mask(torch.randn(1, dcn.in_channels, 8, 8))
+    assert torch.allclose(offset, torch.full_like(offset, 0.1))  # offset_scale 0.1 x conv_offset's 1.0
