@@ -40,7 +40,7 @@ def full_checkpoint(model, epoch=3):
     return {
         "model": model.state_dict(),
         "model_name": model.name,
-        "config": get_config("tiny").to_dict(),
+        "config": get_config("tiny_dbnet").to_dict(),
         "epoch": epoch,
         "optimizer": optimizer.state_dict(),
         "global_step": 4 * (epoch + 1),

@@ -74,7 +74,7 @@ def train_tiny_checkpoint(directory: Path) -> Path:
                 break
     finally:
         torch.set_num_threads(threads)
-    config = get_config("tiny").to_dict()
+    config = get_config("tiny_dbnet").to_dict()
     config["run"] = {"steps": step + 1, "final_loss": loss.item(), "seconds": time.time() - start}
     save_checkpoint({"model": model.state_dict(), "model_name": model.name, "config": config, "epoch": 0}, path)
     return path
@@ -420,7 +420,7 @@ def test_postprocessing_defaults_come_from_the_checkpoint_recipe():
     from dbnetpp.models.dbnet import build_model
 
     net = build_model("dbnet_resnet18_tiny")
-    config = get_config("tiny", model={"epsilon_ratio": 0.01, "text_repr_type": "poly"}).to_dict()
+    config = get_config("tiny_dbnet", model={"epsilon_ratio": 0.01, "text_repr_type": "poly"}).to_dict()
     checkpoint = {"model": net.state_dict(), "model_name": "dbnet_resnet18_tiny", "config": config}
     stored = Detector(checkpoint)
     assert (stored.postprocessor.epsilon_ratio, stored.postprocessor.text_repr_type) == (0.01, "poly")

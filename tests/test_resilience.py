@@ -34,7 +34,7 @@ SCRIPT = ROOT / "examples" / "train.py"
 # 16 synthetic images of 128 px, 2 per process and step: 8 steps per epoch in one process,
 # 4 with two; any model the tiny preset names.
 MICRO = [
-    "--preset", "tiny", "--synthetic-images", "16", "4", "--train-size", "128", "--batch-size", "2",
+    "--preset", "tiny_dbnet", "--synthetic-images", "16", "4", "--train-size", "128", "--batch-size", "2",
     "--log-interval", "1", "--no-progress", "--threads", "1", "--workers", "0",
 ]  # fmt: skip
 
@@ -228,7 +228,7 @@ def test_learning_rates_used_follow_the_schedule_and_a_longer_resume(tmp_path, t
     work = tmp_path / "lr"
     train_module.run([*MICRO, "--epochs", "2", "--eval-interval", "0", "--work-dir", str(work)])
     scale = 2 / 8  # batch 2 in one process, the tiny preset's base batch 8
-    cfg = get_config("tiny", train={"epochs": 2, "batch_size": 2})
+    cfg = get_config("tiny_dbnet", train={"epochs": 2, "batch_size": 2})
     used = [r["lr"] for r in read_jsonl(work / "log.jsonl") if r["type"] == "train"]  # log-interval 1: every step
     want = [lr * scale for lr in learning_rates(cfg, 8, 16)]
     assert used == pytest.approx(want, rel=1e-12, abs=0) and len(set(used)) == 2
@@ -236,7 +236,7 @@ def test_learning_rates_used_follow_the_schedule_and_a_longer_resume(tmp_path, t
     # issue 14 point 5: continue with a longer schedule: the first resumed step uses the new one
     train_module.run([*MICRO, "--epochs", "4", "--eval-interval", "0", "--work-dir", str(work),
                       "--resume", str(work / "last.pth")])  # fmt: skip
-    longer = get_config("tiny", train={"epochs": 4, "batch_size": 2})
+    longer = get_config("tiny_dbnet", train={"epochs": 4, "batch_size": 2})
     records = [r for r in read_jsonl(work / "log.jsonl") if r["type"] == "train"][16:]
     assert records[0]["step"] == 17
     assert records[0]["lr"] == pytest.approx(lr_at_step(longer, 16, 8) * scale, rel=1e-12)
@@ -256,7 +256,7 @@ def test_iteration_based_run_checkpoints_rotates_and_resumes_mid_schedule(tmp_pa
     assert sorted(p.name for p in straight.glob("*.pth")) == ["iter_8.pth", "last.pth"]
     last = read_checkpoint(straight / "last.pth")
     assert (last["global_step"], last["epoch"], last["iter_in_epoch"]) == (11, 0, 3)
-    cfg = get_config("tiny", train={"max_iters": 11, "batch_size": 2})
+    cfg = get_config("tiny_dbnet", train={"max_iters": 11, "batch_size": 2})
     used = [r["lr"] for r in records if r["type"] == "train"]
     assert used == pytest.approx([lr * 2 / 8 for lr in learning_rates(cfg, 8, 11)], rel=1e-12)
 

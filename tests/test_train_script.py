@@ -18,12 +18,12 @@ from dbnetpp.meters import read_jsonl
 from dbnetpp.schedules import lr_at_step
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_LR = PRESETS["tiny"].train.lr  # quoted for the preset's base batch of 8
+TINY_LR = PRESETS["tiny_dbnet"].train.lr  # quoted for the preset's base batch of 8
 SCRIPT = ROOT / "examples" / "train.py"
 
 # A few seconds per run: 16 synthetic training images cropped to 128 px, 4 held out.
 MICRO = [
-    "--preset", "tiny", "--synthetic-images", "16", "4", "--train-size", "128",
+    "--preset", "tiny_dbnet", "--synthetic-images", "16", "4", "--train-size", "128",
     "--batch-size", "4", "--log-interval", "2", "--no-progress",
 ]  # fmt: skip
 
@@ -66,7 +66,7 @@ def test_torchrun_two_processes_tiny_preset_one_epoch(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(SCRIPT), "--preset", "tiny", "--epochs", "1", "--work-dir", str(work), "--no-progress",
+        str(SCRIPT), "--preset", "tiny_dbnet", "--epochs", "1", "--work-dir", str(work), "--no-progress",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -192,7 +192,7 @@ def test_bad_arguments_fail_early(train_module):
         parser.parse_args(["--optimizer", "rmsprop"])
     cfg = train_module.config_from_args(parser.parse_args(["--preset", "tiny", "--epochs", "3", "--no-scale-lr"]))
     got = (cfg.model.name, cfg.train.epochs, cfg.train.scale_lr, cfg.train.optimizer)
-    assert got == ("dbnet_resnet18_tiny", 3, False, "adam")
+    assert got == ("dbnetpp_resnet18_dcnv2_tiny", 3, False, "adam")  # the main job trains a small DBNet++
     for name, model in (("tiny_dbnet", "dbnet_resnet18_tiny"), ("tiny_dbnetpp", "dbnetpp_resnet18_dcnv2_tiny")):
         cfg = train_module.config_from_args(parser.parse_args(["--preset", name]))
         assert cfg.model.name == model and cfg.data == PRESETS["tiny"].data and cfg.train == PRESETS["tiny"].train
