@@ -476,7 +476,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(err: BaseException) -> str:
+def error_line(err: BaseException) -> str:
+    """An exception as the one line after ``error: `` (whitespace folded, at most 800 characters:
+    room for the offline message's file, URL, cache folder and opt-out)."""
     text = " ".join(str(err).split()) or type(err).__name__
     return text if len(text) <= 800 else text[:797] + "..."
 
@@ -495,7 +497,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as err:
         if os.environ.get("DBNETPP_DEBUG"):
             raise
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return EXIT_ERROR
 
 

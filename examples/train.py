@@ -76,6 +76,7 @@ from dbnetpp.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from dbnetpp.cli import error_line
 from dbnetpp.config import AMP_DTYPES, OPTIMIZERS, PRESETS, Config, get_config
 from dbnetpp.data import SyntheticText, TestDataset, TrainDataset, collate_test, collate_train, open_dataset
 from dbnetpp.engine import (
@@ -552,7 +553,7 @@ def _run(args: argparse.Namespace, cfg: Config, info: dist_utils.DistInfo, start
         if not distributed:
             raise
         # a peer died or hangs (Gloo raises at once or after the timeout): name it and the step
-        raise RankFailure(dist_utils.report_failure(info.rank, watchdog.where, _one_line(e))) from e
+        raise RankFailure(dist_utils.report_failure(info.rank, watchdog.where, error_line(e))) from e
     finally:
         watchdog.disarm()
         preemption.restore()
@@ -565,11 +566,6 @@ def _run(args: argparse.Namespace, cfg: Config, info: dist_utils.DistInfo, start
 
 class RankFailure(RuntimeError):
     """Another rank died or hangs; the message names it and the step."""
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= 500 else text[:497] + "..."
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
@@ -591,7 +587,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:  # CheckpointError is a ValueError
         if os.environ.get("DBNETPP_DEBUG"):
             raise
-        print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+        print(f"error: {error_line(e)}", file=sys.stderr, flush=True)
         return 1
     return 0
 
