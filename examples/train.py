@@ -105,7 +105,8 @@ SAMPLE_IMAGES = 4  # held-out images drawn in work_dir/samples/epoch_N.jpg after
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="DBNet++ training", add_help=add_help)
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="MMOCR config name or CPU preset (default: mmocr = dbnetpp_resnet50-dcnv2_fpnc_1200e_icdar2015)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="MMOCR config name or CPU preset (default: mmocr = dbnetpp_resnet50-dcnv2_fpnc_1200e_icdar2015)")
     p.add_argument("--data", default=None, help="ICDAR 2015 root; without it: synthetic text")
     p.add_argument("--work-dir", default="work_dirs/dbnetpp", help="where logs, checkpoints and plots go")
     p.add_argument("--model", default=None, choices=MODEL_NAMES, help="detector (default: the preset's)")
