@@ -1,6 +1,7 @@
 """examples/train.py end to end: torchrun on 2 CPU processes, exact resume, NaN stop, LR scaling."""
 
 import importlib.util
+import dataclasses
 import json
 import math
 import os
@@ -193,9 +194,15 @@ def test_bad_arguments_fail_early(train_module):
     cfg = train_module.config_from_args(parser.parse_args(["--preset", "tiny", "--epochs", "3", "--no-scale-lr"]))
     got = (cfg.model.name, cfg.train.epochs, cfg.train.scale_lr, cfg.train.optimizer)
     assert got == ("dbnetpp_resnet18_dcnv2_tiny", 3, False, "adam")  # the main job trains a small DBNet++
-    for name, model in (("tiny_dbnet", "dbnet_resnet18_tiny"), ("tiny_dbnetpp", "dbnetpp_resnet18_dcnv2_tiny")):
-        cfg = train_module.config_from_args(parser.parse_args(["--preset", name]))
-        assert cfg.model.name == model and cfg.data == PRESETS["tiny"].data and cfg.train == PRESETS["tiny"].train
+    tiny = PRESETS["tiny"]
+    cfg = train_module.config_from_args(parser.parse_args(["--preset", "tiny_dbnetpp"]))
+    assert cfg.model.name == "dbnetpp_resnet18_dcnv2_tiny" and cfg.data == tiny.data and cfg.train == tiny.train
+    # the small DBNet: same data and LR per image; batch 8 for 14 epochs, where the DBNet++ runs batch 4 for 12
+    cfg = train_module.config_from_args(parser.parse_args(["--preset", "tiny_dbnet"]))
+    assert cfg.model.name == "dbnet_resnet18_tiny" and cfg.data == tiny.data
+    assert (cfg.train.batch_size, cfg.train.epochs, tiny.train.batch_size, tiny.train.epochs) == (8, 14, 4, 12)
+    assert math.isclose(cfg.train.lr / cfg.train.base_batch_size, tiny.train.lr / tiny.train.base_batch_size)
+    assert dataclasses.replace(cfg.train, batch_size=4, base_batch_size=4, lr=tiny.train.lr, epochs=12) == tiny.train
     default = train_module.config_from_args(parser.parse_args([]))
     t = default.train
     assert (default.model.name, t.optimizer, t.lr, t.momentum, t.weight_decay, t.epochs, t.batch_size) == (
@@ -217,3 +224,35 @@ def test_recipes_keep_their_lr_unless_auto_scale_lr(train_module):
     assert scaled.train.scale_lr is True and scaled.train.lr == 0.003
     with pytest.raises(ValueError, match="contradict"):
         train_module.check_args(parser.parse_args(["--no-scale-lr", "--auto-scale-lr"]))
+
+
+def test_tiny_preset_trains_channels_last_on_the_cpu(train_module, tmp_path):
+    """The main job runs NHWC on the CPU (oneDNN's faster path); its checkpoint loads into a plain
+    NCHW model with the same eval output, and --no-channels-last turns the format off."""
+    parser = train_module.get_args_parser()
+    assert train_module.config_from_args(parser.parse_args(["--preset", "tiny"])).model.channels_last is True
+    off = train_module.config_from_args(parser.parse_args(["--preset", "tiny", "--no-channels-last"]))
+    assert off.model.channels_last is False
+    assert train_module.config_from_args(parser.parse_args(["--preset", "tiny_dbnet"])).model.channels_last is False
+
+    work = tmp_path / "run"
+    run_main(
+        train_module, "--preset", "tiny", "--synthetic-images", "8", "2", "--train-size", "64",
+        "--test-scale", "128", "64", "--epochs", "1", "--work-dir", str(work), "--no-progress",
+    )  # fmt: skip
+    assert json.loads((work / "config.json").read_text())["model"]["channels_last"] is True
+    state = read_checkpoint(work / "last.pth")["model"]
+    conv = state["backbone.layer1.0.conv1.weight"]
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+
+    from dbnetpp.models.dbnet import build_model
+
+    plain = build_model("dbnetpp_resnet18_dcnv2_tiny").eval()
+    plain.load_state_dict(state)
+    nhwc = build_model("dbnetpp_resnet18_dcnv2_tiny").eval()
+    nhwc.load_state_dict(state)
+    nhwc = nhwc.to(memory_format=torch.channels_last)
+    x = torch.rand(1, 3, 96, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = plain(x), nhwc(x.contiguous(memory_format=torch.channels_last))
+    assert a.shape == (1, 96, 128) and (a - b).abs().max().item() < 1e-5
