@@ -24,7 +24,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from .resnet import freeze, keep_frozen_in_eval
+from .resnet import StagedBackbone
 
 __all__ = ["CLIPBottleneck", "CLIPResNet"]
 
@@ -77,7 +77,7 @@ def _stem(in_channels: int, channels: int) -> nn.Sequential:
     )
 
 
-class CLIPResNet(nn.Module):
+class CLIPResNet(StagedBackbone):
     """CLIP / oCLIP ResNet-50 feature extractor returning the outputs of ``layer1``..``layer4``.
 
     Args:
@@ -148,19 +148,8 @@ class CLIPResNet(nn.Module):
         layers += [CLIPBottleneck(out, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def _frozen_modules(self) -> List[nn.Module]:
-        if self.frozen_stages < 0:
-            return []
-        return [self.stem] + [getattr(self, f"layer{i}") for i in range(1, self.frozen_stages + 1)]
-
-    def _freeze_stages(self) -> None:
-        freeze(self._frozen_modules())
-
-    def train(self, mode: bool = True) -> "CLIPResNet":
-        """Switch mode, keeping frozen stages (and all BNs if ``norm_eval``) in eval mode."""
-        super().train(mode)
-        keep_frozen_in_eval(self, self._frozen_modules(), mode and self.norm_eval)
-        return self
+    def _stem_modules(self) -> List[nn.Module]:
+        return [self.stem]
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self.pool(self.stem(x))

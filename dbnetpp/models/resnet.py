@@ -18,7 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .dcn import ModulatedDeformConv2d
 
-__all__ = ["BasicBlock", "Bottleneck", "ResNet", "freeze", "keep_frozen_in_eval"]
+__all__ = ["BasicBlock", "Bottleneck", "ResNet", "StagedBackbone"]
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -112,25 +112,44 @@ _ARCH = {
 }
 
 
-def freeze(modules: Sequence[nn.Module]) -> None:
-    """Eval mode and no gradients for ``modules`` (MMDetection's ``frozen_stages``)."""
-    for module in modules:
-        module.eval()
-        for param in module.parameters():
-            param.requires_grad = False
+class StagedBackbone(nn.Module):
+    """Stem + ``layer1``..``layer4`` with MMDetection's ``frozen_stages`` and ``norm_eval``.
+
+    Subclasses set ``self.frozen_stages`` and ``self.norm_eval``, name their stem modules in
+    ``_stem_modules`` and call ``_freeze_stages()`` at the end of ``__init__``.
+    """
+
+    frozen_stages: int
+    norm_eval: bool
+
+    def _stem_modules(self) -> List[nn.Module]:
+        raise NotImplementedError
+
+    def _frozen_modules(self) -> List[nn.Module]:
+        """The stem, then ``layer1``..``layer{frozen_stages}``; nothing when ``frozen_stages`` is -1."""
+        if self.frozen_stages < 0:
+            return []
+        return self._stem_modules() + [getattr(self, f"layer{i}") for i in range(1, self.frozen_stages + 1)]
+
+    def _freeze_stages(self) -> None:
+        """Eval mode and no gradients for the frozen modules."""
+        for module in self._frozen_modules():
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad = False
+
+    def train(self, mode: bool = True) -> "StagedBackbone":
+        """Switch mode, keeping frozen stages (and all BNs if ``norm_eval``) in eval mode."""
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+        return self
 
 
-def keep_frozen_in_eval(backbone: nn.Module, frozen: Sequence[nn.Module], norm_eval: bool) -> None:
-    """After ``backbone.train(mode)``: put the frozen modules back in eval mode, and every
-    BatchNorm too when ``norm_eval`` (frozen statistics, MMDetection's ``norm_eval``)."""
-    freeze(frozen)
-    if norm_eval:
-        for m in backbone.modules():
-            if isinstance(m, _BatchNorm):
-                m.eval()
-
-
-class ResNet(nn.Module):
+class ResNet(StagedBackbone):
     """ResNet feature extractor returning the outputs of ``layer1``..``layer4``.
 
     Args:
@@ -229,21 +248,8 @@ class ResNet(nn.Module):
             layers.append(block(self.inplanes, planes, dcn=dcn))
         return nn.Sequential(*layers)
 
-    def _frozen_modules(self) -> List[nn.Module]:
-        if self.frozen_stages < 0:
-            return []
-        modules: List[nn.Module] = [self.conv1, self.bn1]
-        modules += [getattr(self, f"layer{i}") for i in range(1, self.frozen_stages + 1)]
-        return modules
-
-    def _freeze_stages(self) -> None:
-        freeze(self._frozen_modules())
-
-    def train(self, mode: bool = True) -> "ResNet":
-        """Switch mode, keeping frozen stages (and all BNs if ``norm_eval``) in eval mode."""
-        super().train(mode)
-        keep_frozen_in_eval(self, self._frozen_modules(), mode and self.norm_eval)
-        return self
+    def _stem_modules(self) -> List[nn.Module]:
+        return [self.conv1, self.bn1]
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
