@@ -1,9 +1,14 @@
 """Small helpers shared by several test modules (imported as ``helpers``: pytest puts this
 folder on sys.path)."""
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Dict, Iterable, Mapping, Sequence, Tuple, Union
 
 import torch
+
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train.py"
 
 KeyShapes = Union[Mapping[str, Sequence[int]], Iterable[Tuple[str, Sequence[int]]]]
 
@@ -21,3 +26,11 @@ def random_state_dict(keys: KeyShapes, seed: int = 0) -> Dict[str, Any]:
         else:
             sd[k] = torch.randn(tuple(shape), generator=g)
     return sd
+
+
+def load_train_script(module_name: str) -> ModuleType:
+    """``examples/train.py`` imported as a module named ``module_name`` (a script, not a package)."""
+    spec = importlib.util.spec_from_file_location(module_name, TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,6 +1,5 @@
 """open_dataset: MMOCR's prepared layouts (Total-Text, SynthText, ICDAR 2015), FixInvalidPolygon, build_sources."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,8 +10,8 @@ from shapely.geometry import Polygon
 
 from dbnetpp.config import get_config
 from dbnetpp.data import ICDAR2015, FixedPolygons, TextDetJSON, TrainDataset, open_dataset
+from helpers import load_train_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train.py"
 BOWTIE = [0, 0, 10, 10, 10, 0, 0, 10]  # self-intersecting: invalid
 CURVE = [0, 0, 8, -2, 16, 0, 24, 4, 24, 10, 16, 6, 8, 4, 0, 6]  # a valid 8-point Total-Text-like polygon
 
@@ -125,10 +124,7 @@ def test_train_dataset_runs_on_fixed_totaltext(tmp_path):
 
 
 def _train_script():
-    spec = importlib.util.spec_from_file_location("dbnetpp_train_script_datasets", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_train_script("dbnetpp_train_script_datasets")
 
 
 def test_build_sources_follows_the_recipe(tmp_path):

@@ -6,7 +6,6 @@ in-process (single process) and under torchrun (2 CPU processes) with the drills
 """
 
 import contextlib
-import importlib.util
 import os
 import signal
 import subprocess
@@ -28,6 +27,7 @@ from dbnetpp.meters import read_jsonl
 from dbnetpp.resume import find_resume_checkpoint, resume_position
 from dbnetpp.sampler import ResumableSampler
 from dbnetpp.schedules import learning_rates, lr_at_step
+from helpers import load_train_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train.py"
@@ -41,10 +41,7 @@ MICRO = [
 
 @pytest.fixture(scope="module")
 def train_module():
-    spec = importlib.util.spec_from_file_location("dbnetpp_train_script_resilience", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_train_script("dbnetpp_train_script_resilience")
 
 
 def max_weight_delta(a, b):

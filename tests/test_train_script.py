@@ -1,6 +1,5 @@
 """examples/train.py end to end: torchrun on 2 CPU processes, exact resume, NaN stop, LR scaling."""
 
-import importlib.util
 import dataclasses
 import json
 import math
@@ -16,7 +15,9 @@ import torch
 from dbnetpp.checkpoint import read_checkpoint
 from dbnetpp.config import PRESETS
 from dbnetpp.meters import read_jsonl
+from dbnetpp.models.dbnet import build_model
 from dbnetpp.schedules import lr_at_step
+from helpers import load_train_script
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_LR = PRESETS["tiny_dbnet"].train.lr  # quoted for the preset's base batch of 8
@@ -31,10 +32,7 @@ MICRO = [
 
 @pytest.fixture(scope="module")
 def train_module():
-    spec = importlib.util.spec_from_file_location("dbnetpp_train_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_train_script("dbnetpp_train_script")
 
 
 def run_main(train_module, *argv):
@@ -244,8 +242,6 @@ def test_tiny_preset_trains_channels_last_on_the_cpu(train_module, tmp_path):
     state = read_checkpoint(work / "last.pth")["model"]
     conv = state["backbone.layer1.0.conv1.weight"]
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-
-    from dbnetpp.models.dbnet import build_model
 
     plain = build_model("dbnetpp_resnet18_dcnv2_tiny").eval()
     plain.load_state_dict(state)

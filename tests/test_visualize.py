@@ -1,7 +1,6 @@
 """dbnetpp.visualize: evaluation pictures coloured exactly as the metric scores them, the grid of
 ``examples/train.py`` (samples/epoch_N.jpg) and ``dbnetpp eval --vis``; each picture is read back."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 from dbnetpp.data import SyntheticText
 from dbnetpp.metric import DEFAULT_SCORE_THRS, HmeanIoU
 from dbnetpp.visualize import COLORS, draw_evaluation, grid_cells, make_grid, save_evaluation_grid, save_image
+from helpers import load_train_script
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKGROUND = (40, 40, 40)
@@ -174,9 +174,7 @@ def test_train_script_writes_epoch_samples(tmp_path):
     """A micro run evaluating twice writes samples/epoch_1.jpg and epoch_2.jpg of the first 4 held-out
     images: the grid's size, and the ground-truth boxes outlined green (found) or yellow (missed) where
     they are (``###`` grey)."""
-    spec = importlib.util.spec_from_file_location("dbnetpp_train_script_vis", ROOT / "examples" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_train_script("dbnetpp_train_script_vis")
     sys.path.insert(0, str(Path(__file__).parent))
     from test_train_script import MICRO
 
