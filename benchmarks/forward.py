@@ -88,7 +88,8 @@ def parts_of(net: nn.Module) -> List[Tuple[str, List[nn.Module]]]:
     parts = [(f"backbone.layer{i}", [getattr(backbone, f"layer{i}")]) for i in range(1, 5)]
     parts += [
         ("backbone", [backbone]),
-        ("backbone.dcn (13 layers, offsets included)", [m for m in backbone.modules() if isinstance(m, ModulatedDeformConv2d)]),
+        ("backbone.dcn (13 layers, offsets included)",
+         [m for m in backbone.modules() if isinstance(m, ModulatedDeformConv2d)]),
         ("neck", [neck]),
         ("det_head.binarize", [net.det_head.binarize]),  # predict() = sigmoid(binarize(x))
     ]
@@ -128,7 +129,7 @@ def time_parts(net: nn.Module, x: torch.Tensor, repeats: int) -> Dict[str, List[
         for h in handles:
             h.remove()
     layers = [sum(totals[f"backbone.layer{i}"][r] for i in range(1, 5)) for r in range(repeats)]
-    totals["backbone.stem"] = [b - l for b, l in zip(totals["backbone"], layers)]
+    totals["backbone.stem"] = [whole - stages for whole, stages in zip(totals["backbone"], layers)]
     return totals
 
 

@@ -475,7 +475,7 @@ def check_speed_train(device: Any, quick: bool) -> Iterable[Dict[str, Any]]:
                 times = timed(step, device, warmup=3, max_runs=15, max_s=15.0)
                 break
             except torch.cuda.OutOfMemoryError:
-                del model, optimizer, x, targets
+                model = optimizer = x = targets = None  # free the memory before retrying
                 torch.cuda.empty_cache()
                 if b == 1:
                     raise
@@ -487,7 +487,7 @@ def check_speed_train(device: Any, quick: bool) -> Iterable[Dict[str, Any]]:
             rec["max_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             rec["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
         yield rec
-        del model, optimizer, x, targets
+        model = optimizer = x = targets = None  # free the memory before retrying
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -539,7 +539,8 @@ def run_one(name: str, device_name: str, quick: bool) -> int:
             emit({"check": name, **rec, "seconds": round(time.perf_counter() - start, 3)})
     except Exception as e:  # noqa: BLE001 - one line per failure, the driver goes on
         emit({"check": name, "ok": False, "error": f"{type(e).__name__}: {e}",
-              "traceback": traceback.format_exc()[-3000:], "seconds": round(time.perf_counter() - start, 3)})  # fmt: skip
+              "traceback": traceback.format_exc()[-3000:],
+              "seconds": round(time.perf_counter() - start, 3)})  # fmt: skip
     return 0
 
 
@@ -547,8 +548,10 @@ def _parse(line: str, name: str) -> Dict[str, Any]:
     try:
         record = json.loads(line)
     except ValueError:
-        return {"check": name, "ok": None, "unparsed": line[:500]}
-    return record if isinstance(record, dict) and "check" in record else {"check": name, "ok": None, "unparsed": line[:500]}
+        record = None
+    if isinstance(record, dict) and "check" in record:
+        return record
+    return {"check": name, "ok": None, "unparsed": line[:500]}
 
 
 def drive(names: List[str], device_name: str, quick: bool, budget_s: float, out: Optional[Path]) -> int:

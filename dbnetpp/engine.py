@@ -19,9 +19,10 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from dbnetpp.schedules import learning_rates, lr_at_step  # noqa: F401  (public: dbnetpp.engine.learning_rates)
+
 from . import distributed as dist_utils
 from .meters import JsonlLogger, SmoothedValue
-from dbnetpp.schedules import learning_rates, lr_at_step  # noqa: F401  (public: dbnetpp.engine.learning_rates)
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -131,7 +132,8 @@ def train_one_epoch(
     Each batch is a dict with ``images`` (or ``image``) (N, 3, S, S) and the target maps
     (N, S, S). The loader yields the epoch from its batch ``start_iter`` on (of
     ``iters_per_epoch``, default ``start_iter + len(data_loader)``); ``global_step``
-    optimiser steps were done before (default: ``epoch * iters_per_epoch + start_iter``). Before each step every param group's lr is set to
+    optimiser steps were done before (default: ``epoch * iters_per_epoch + start_iter``).
+    Before each step every param group's lr is set to
     ``lr_at(step)`` (0-based step; None: left as it is). After each step:
     ``after_step(iterations done in the epoch, steps done)`` (iteration checkpoints; runs on
     every rank), then the loop ends when ``max_steps`` steps are done or when

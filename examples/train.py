@@ -94,11 +94,11 @@ from dbnetpp.metric import HmeanIoU
 from dbnetpp.models.dbnet import MODEL_NAMES, build_model
 from dbnetpp.postprocess import DBPostProcessor
 from dbnetpp.preemption import PREEMPTED_EXIT_STATUS, Preempted, PreemptionHandler
+from dbnetpp.pretrained import initialize
 from dbnetpp.resume import check_training_checkpoint, find_resume_checkpoint, resume_position
 from dbnetpp.sampler import ResumableSampler
 from dbnetpp.schedules import lr_at_step, schedule_length
 from dbnetpp.visualize import save_evaluation_grid
-from dbnetpp.pretrained import initialize
 
 SAMPLE_IMAGES = 4  # held-out images drawn in work_dir/samples/epoch_N.jpg after each evaluation
 
@@ -106,7 +106,8 @@ SAMPLE_IMAGES = 4  # held-out images drawn in work_dir/samples/epoch_N.jpg after
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="DBNet++ training", add_help=add_help)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="MMOCR config name or CPU preset (default: mmocr = dbnetpp_resnet50-dcnv2_fpnc_1200e_icdar2015)")
+                   help="MMOCR config name or CPU preset "
+                        "(default: mmocr = dbnetpp_resnet50-dcnv2_fpnc_1200e_icdar2015)")
     p.add_argument("--data", default=None, help="ICDAR 2015 root; without it: synthetic text")
     p.add_argument("--work-dir", default="work_dirs/dbnetpp", help="where logs, checkpoints and plots go")
     p.add_argument("--model", default=None, choices=MODEL_NAMES, help="detector (default: the preset's)")
@@ -278,7 +279,9 @@ def initialize_model(
     """MMOCR's start: cfg.model.backbone_init, then cfg.model.load_from (``load_from``, the user's
     --load-from, replaces the recipe's; ``pretrained=False`` skips the recipe's files). Rank 0
     goes first (it downloads), the others follow from the cache."""
-    messages = initialize(model, cfg, pretrained=pretrained, progress=progress, load_from=load_from) if info.is_main else []
+    messages = []
+    if info.is_main:
+        messages = initialize(model, cfg, pretrained=pretrained, progress=progress, load_from=load_from)
     dist_utils.barrier()
     if not info.is_main:
         initialize(model, cfg, pretrained=pretrained, progress=False, load_from=load_from)

@@ -50,3 +50,11 @@ def offline_hub_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(urllib.request, "urlopen", local_only)
     return tmp_path / "torch_home" / "hub" / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def train_module():
+    """``examples/train.py`` imported as a module (one import per test module)."""
+    from helpers import load_train_script
+
+    return load_train_script("dbnetpp_train_script")

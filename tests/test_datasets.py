@@ -1,16 +1,15 @@
 """open_dataset: MMOCR's prepared layouts (Total-Text, SynthText, ICDAR 2015), FixInvalidPolygon, build_sources."""
 
 import json
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from helpers import load_train_script
 from shapely.geometry import Polygon
 
 from dbnetpp.config import get_config
 from dbnetpp.data import ICDAR2015, FixedPolygons, TextDetJSON, TrainDataset, open_dataset
-from helpers import load_train_script
 
 BOWTIE = [0, 0, 10, 10, 10, 0, 0, 10]  # self-intersecting: invalid
 CURVE = [0, 0, 8, -2, 16, 0, 24, 4, 24, 10, 16, 6, 8, 4, 0, 6]  # a valid 8-point Total-Text-like polygon

@@ -10,7 +10,6 @@ from torchvision.ops import deform_conv2d as tv_deform_conv2d
 from dbnetpp.ops import deform_conv
 from dbnetpp.ops.deform_conv import modulated_deform_conv2d, resolve_impl
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -16,7 +16,6 @@ from dbnetpp.models.dbnet import build_model
 from dbnetpp.models.dcn import ModulatedDeformConv2d
 
 
-
 def needs_onnx():
     """onnxruntime for the tests that run a file (and onnxscript, which the dynamo exporter
     uses): skipped without them, while the argument checks below run everywhere."""

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import random_state_dict
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from dbnetpp import load_mmocr_checkpoint
 from dbnetpp.models import MODEL_NAMES, DBNet, ModulatedDeformConv2d, build_model
 from dbnetpp.models.clip_resnet import CLIPResNet
 from dbnetpp.models.resnet import ResNet
-from helpers import random_state_dict
 
 KEYS_FILE = Path(__file__).parent / "data" / "mmocr_dbnet_family_keys.json"
 FAMILY = json.loads(KEYS_FILE.read_text())

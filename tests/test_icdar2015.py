@@ -157,7 +157,7 @@ def test_parse_text_keeps_inner_spaces_and_hash_variants(tmp_path):
 def test_parse_rejects_malformed_lines_with_file_and_line(tmp_path, bad, message):
     path = tmp_path / "gt_img_7.txt"
     write_gt(path, ["1,2,3,4,5,6,7,8,ok", "", bad])
-    with pytest.raises(ValueError, match=re.escape(f"gt_img_7.txt:3: ") + ".*" + re.escape(message)):
+    with pytest.raises(ValueError, match=re.escape("gt_img_7.txt:3: ") + ".*" + re.escape(message)):
         parse_gt_file(path)
 
 

@@ -12,7 +12,6 @@ from dbnetpp.inference import PixelShuffleDeconvs, fold_batchnorm, prepare_for_i
 from dbnetpp.models import ModulatedDeformConv2d, build_model
 from dbnetpp.models.fpnc import UpsampledConcatConv
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import load_train_script
 from torch.utils.data import DistributedSampler
 
 from dbnetpp import distributed as du
@@ -27,7 +28,6 @@ from dbnetpp.meters import read_jsonl
 from dbnetpp.resume import find_resume_checkpoint, resume_position
 from dbnetpp.sampler import ResumableSampler
 from dbnetpp.schedules import learning_rates, lr_at_step
-from helpers import load_train_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train.py"
@@ -424,7 +424,7 @@ def test_a_hung_rank_ends_the_others_after_the_timeout_naming_it(tmp_path):
     try:
         _wait_for(_logged(work, 0, 1), 120, "the first steps")
         workers = {rank: (pid, node) for node, p in enumerate(procs) for pid, rank in _workers(p.pid)}
-        (victim, victim_node), (survivor_pid, survivor_node) = workers[1], workers[0]
+        victim, survivor_node = workers[1][0], workers[0][1]
         stopped = time.monotonic()
         os.kill(victim, signal.SIGSTOP)  # alive but silent: a hang
         procs[survivor_node].wait(timeout=60)

@@ -312,7 +312,8 @@ def test_offset_polygon_quirks():
     grown = offset_polygon(square, 5)
     assert grown.dtype == np.float32 and grown.ndim == 2 and grown.shape[1] == 2
     assert grown[:, 0].min() == -5 and grown[:, 0].max() == 45
-    np.testing.assert_array_equal(offset_polygon(rect(0.9, 0.9, 40.9, 40.9), 0), offset_polygon(square, 0))  # truncation
+    # truncation
+    np.testing.assert_array_equal(offset_polygon(rect(0.9, 0.9, 40.9, 40.9), 0), offset_polygon(square, 0))
     assert offset_polygon(square, -25).shape == (0, 2)  # shrunk away
     # a square and a triangle joined by a thin bar split into parts of different sizes -> empty
     dumbbell = np.array([[0, 0], [30, 0], [30, 12], [60, 12], [75, 0], [90, 30], [60, 18], [30, 18],

@@ -17,7 +17,6 @@ from dbnetpp.config import PRESETS
 from dbnetpp.meters import read_jsonl
 from dbnetpp.models.dbnet import build_model
 from dbnetpp.schedules import lr_at_step
-from helpers import load_train_script
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_LR = PRESETS["tiny_dbnet"].train.lr  # quoted for the preset's base batch of 8
@@ -28,11 +27,6 @@ MICRO = [
     "--preset", "tiny_dbnet", "--synthetic-images", "16", "4", "--train-size", "128",
     "--batch-size", "4", "--log-interval", "2", "--no-progress",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def train_module():
-    return load_train_script("dbnetpp_train_script")
 
 
 def run_main(train_module, *argv):

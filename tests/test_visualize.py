@@ -10,11 +10,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from helpers import load_train_script
 
 from dbnetpp.data import SyntheticText
 from dbnetpp.metric import DEFAULT_SCORE_THRS, HmeanIoU
 from dbnetpp.visualize import COLORS, draw_evaluation, grid_cells, make_grid, save_evaluation_grid, save_image
-from helpers import load_train_script
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKGROUND = (40, 40, 40)

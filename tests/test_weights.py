@@ -4,10 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from helpers import random_state_dict
 
 from dbnetpp.models import ModulatedDeformConv2d, build_model
 from dbnetpp.weights import load_mmocr_checkpoint, load_oclip_backbone, load_torchvision_backbone
-from helpers import random_state_dict
 
 MMOCR_PARAMS = 26_904_875  # MMOCR v1.0.1 DBNet++ R50-DCNv2: sum of parameter numels
 MMOCR_PARAM_TENSORS = 218

@@ -1,13 +1,13 @@
 """Data: ICDAR 2015, Total-Text, SynthText, synthetic scene text, the MMOCR pipelines and DB targets."""
 
-from .dataset import TestDataset, TrainDataset, collate_test, collate_train
 from .base import AnnotatedImages, read_image
+from .dataset import TestDataset, TrainDataset, collate_test, collate_train
 from .icdar2015 import ICDAR2015
 from .sources import FixedPolygons, open_dataset
 from .synthetic import SyntheticText
 from .synthtext import SynthText
-from .textdet_json import TextDetJSON
 from .targets import db_targets
+from .textdet_json import TextDetJSON
 from .transforms import (
     TrainParams,
     TrainSample,

@@ -162,7 +162,8 @@ def _small_dbnetpp(
       8x8 stage-4 map to ~10 pixels and training stalls.
     - The ASF attention's convolutions learn ``attention_scale`` times slower and start at
       ``attention_scale`` x their usual init, the last one at zero (every scale weighted 0.5: the
-      network starts as the DBNet with the same weights). The neck has no normalisation, its features are ~10 in size, and at full rate
+      network starts as the DBNet with the same weights). The neck has no normalisation, its
+      features are ~10 in size, and at full rate
       the attention saturates within a few steps and holds the binary map's dice loss near 0.92
       (measured: no learning in 125 steps at 0.05, DBNet-like learning at 0.005).
     """

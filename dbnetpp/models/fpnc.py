@@ -69,9 +69,8 @@ def _concat_upsampled(levels: Sequence[torch.Tensor], weights: Optional[torch.Te
     n = levels[0].shape[0]
     channels = [level.shape[1] for level in levels]
     first = levels[0]
-    out = torch.empty(
-        (n, sum(channels), *size), dtype=first.dtype, device=first.device, memory_format=torch.channels_last if _is_channels_last(first) else torch.contiguous_format
-    )
+    layout = torch.channels_last if _is_channels_last(first) else torch.contiguous_format
+    out = torch.empty((n, sum(channels), *size), dtype=first.dtype, device=first.device, memory_format=layout)
     start = 0
     for i, (level, s) in enumerate(zip(levels, factors)):
         target = _blocks(out[:, start : start + channels[i]], s)

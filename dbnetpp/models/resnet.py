@@ -154,7 +154,8 @@ class ResNet(StagedBackbone):
 
     Args:
         depth: 18, 34, 50 or 101.
-        dcn_stages: per stage, whether the 3x3 ``conv2`` of every block is a DCNv2. MMOCR's DBNet++ uses ``(False, True, True, True)``.
+        dcn_stages: per stage, whether the 3x3 ``conv2`` of every block is a DCNv2. MMOCR's
+            DBNet++ uses ``(False, True, True, True)``.
         norm_eval: keep every BatchNorm in eval mode (frozen statistics) during training.
         frozen_stages: -1 freezes nothing; 0 freezes the stem; ``i`` >= 1 freezes the stem and
             ``layer1``..``layer{i}`` (no gradients, BatchNorms kept in eval mode).
