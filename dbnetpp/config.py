@@ -330,3 +330,38 @@ def get_config(preset: Optional[str] = None, **overrides: Mapping[str, Any]) -> 
                 changes[key] = tuple(changes[key])
         sections[section] = dataclasses.replace(current, **changes)
     return dataclasses.replace(cfg, **sections).validate()
+
+
+# ----------------------------------------------------------------------------- test settings by model name
+# The recipe whose test resize and post-processing a bare model name stands for: every MMOCR config
+# name is its own recipe; the builder aliases take the ICDAR 2015 recipe of their architecture, the
+# tiny networks the CPU preset that trains them.
+_RECIPE_OF_MODEL: Dict[str, Config] = {
+    **RECIPES,
+    "dbnetpp_resnet50_dcnv2": RECIPES["dbnetpp_resnet50-dcnv2_fpnc_1200e_icdar2015"],
+    "dbnetpp_resnet50": RECIPES["dbnetpp_resnet50_fpnc_1200e_icdar2015"],
+    "dbnet_resnet18": RECIPES["dbnet_resnet18_fpnc_1200e_icdar2015"],
+    "dbnet_resnet18_tiny": TINY_DBNET,
+    "dbnetpp_resnet18_dcnv2_tiny": TINY_DBNETPP,
+}
+
+
+@dataclass(frozen=True)
+class InferenceRecipe:
+    """What a model name implies at test time (MMOCR's test pipeline and ``DBPostprocessor``)."""
+
+    test_scale: Tuple[int, int]  # (long, short) side limits of the keep-ratio test resize, pixels
+    text_repr_type: str  # "quad" or "poly"
+    epsilon_ratio: float  # approxPolyDP tolerance / contour length
+
+
+def inference_recipe(model_name: str) -> Optional[InferenceRecipe]:
+    """Test scale and post-processing of the recipe ``model_name`` stands for, or None.
+
+    ``inference_recipe("dbnet_resnet18_fpnc_1200e_icdar2015")`` is (1333, 736), "quad", 0.01, as
+    MMOCR's inferencer runs that config; every ``dbnetpp.MODEL_NAMES`` entry has one.
+    """
+    cfg = _RECIPE_OF_MODEL.get(model_name)
+    if cfg is None:
+        return None
+    return InferenceRecipe(tuple(cfg.data.test_scale), cfg.model.text_repr_type, cfg.model.epsilon_ratio)

@@ -148,13 +148,18 @@ class Detector:
             already built ``nn.Module`` that maps normalised (N, 3, H, W) images to probability
             maps (N, H, W) in eval mode (it is copied, not modified).
         model: builder name; default the checkpoint's own, else ``"dbnetpp_resnet50_dcnv2"``.
+            The name also brings its recipe's test scale and post-processing
+            (``dbnetpp.config.inference_recipe``): ``"dbnet_resnet18_fpnc_1200e_icdar2015"`` runs at
+            (1333, 736) with ``epsilon_ratio`` 0.01, as MMOCR's inferencer runs that config.
         device: torch device for the network ("cpu", "cuda", ...).
         test_scale: (long, short) of the keep-ratio test resize. Default: the ``data.test_scale``
-            stored in a dbnetpp checkpoint's config, else MMOCR's (4068, 1024).
+            stored in a dbnetpp checkpoint's config, else the model name's recipe's (MMOCR's
+            (4068, 1024) for the default model).
         text_repr_type, mask_thr, min_text_score, min_text_width, unclip_ratio, epsilon_ratio,
             max_candidates: ``DBPostProcessor`` options with MMOCR's DBNet++ values;
-            ``text_repr_type`` and ``epsilon_ratio`` default to the recipe's stored in a dbnetpp
-            checkpoint's config (e.g. 0.01 for DBNet), else "quad" and 0.002.
+            ``text_repr_type`` and ``epsilon_ratio`` default to the ones stored in a dbnetpp
+            checkpoint's config, else the model name's recipe's (0.01 for DBNet, 0.002 for
+            DBNet++), else "quad" and 0.002. Explicit arguments always win.
         prepare: fold BN etc. with ``dbnetpp.inference.prepare_for_inference`` (DBNet models only).
     """
 
@@ -174,15 +179,19 @@ class Detector:
         max_candidates: int = 3000,
         prepare: bool = True,
     ) -> None:
+        from dbnetpp.config import inference_recipe
         from dbnetpp.models.dbnet import DBNet
         from dbnetpp.postprocess import DBPostProcessor
 
+        recipe = None
         if isinstance(weights, nn.Module):
             net, checkpoint = copy.deepcopy(weights).eval(), {}
         else:
             net, checkpoint = _load_model(weights, model)
+            # a model name brings its recipe's test settings (MMOCR's inferencer does the same)
+            recipe = inference_recipe(model or getattr(net, "name", DEFAULT_MODEL))
         if test_scale is None:
-            test_scale = _stored_test_scale(checkpoint) or DEFAULT_TEST_SCALE
+            test_scale = _stored_test_scale(checkpoint) or (recipe.test_scale if recipe else DEFAULT_TEST_SCALE)
         if len(test_scale) != 2 or min(test_scale) <= 0:
             raise ValueError(f"test_scale must be two positive sizes (long, short), got {test_scale}")
         self.model_name = getattr(net, "name", type(net).__name__)
@@ -192,11 +201,18 @@ class Detector:
             net = _prepare(net)  # on its device: the memory layout it picks depends on it
         self.model = net.eval()
         self.test_scale = (int(test_scale[0]), int(test_scale[1]))
-        if text_repr_type is None:  # the training recipe's, else MMOCR's DBNet++ test settings
-            text_repr_type = _stored(checkpoint, "model", "text_repr_type") or "quad"
+        # explicit arguments, else the training run's (a dbnetpp checkpoint's config), else the
+        # model name's recipe, else MMOCR's DBNet++ test settings
+        if text_repr_type is None:
+            text_repr_type = _stored(checkpoint, "model", "text_repr_type") or (
+                recipe.text_repr_type if recipe else "quad"
+            )
         if epsilon_ratio is None:
             stored_epsilon = _stored(checkpoint, "model", "epsilon_ratio")
-            epsilon_ratio = 0.002 if stored_epsilon is None else float(stored_epsilon)
+            if stored_epsilon is not None:
+                epsilon_ratio = float(stored_epsilon)
+            else:
+                epsilon_ratio = recipe.epsilon_ratio if recipe else 0.002
         self.postprocessor = DBPostProcessor(
             text_repr_type=text_repr_type,
             mask_thr=mask_thr,

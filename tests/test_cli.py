@@ -290,3 +290,50 @@ def test_wrong_model_message_names_file_and_model(bad_inputs, icdar_synthetic, c
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
     assert "other_model.pth" in err and "dbnetpp_resnet50_dcnv2" in err and "missing keys" in err
+
+
+# ----------------------------------------------------------------------------- --model brings its recipe
+
+
+@pytest.fixture(scope="module")
+def mmocr_r18(tmp_path_factory):
+    """An MMOCR-format checkpoint of the DBNet R18 architecture (random weights)."""
+    from helpers import random_state_dict
+
+    keys = {k: v.shape for k, v in build_model("dbnet_resnet18").state_dict().items()}
+    path = tmp_path_factory.mktemp("mmocr_r18") / "dbnet_r18.pth"
+    torch.save({"meta": {"epoch": 1200}, "state_dict": random_state_dict(keys)}, path)
+    return path
+
+
+@pytest.fixture
+def settings_seen(monkeypatch):
+    """Records (test_scale, epsilon_ratio, text_repr_type) of every Detector that detects."""
+    seen = []
+    original = Detector.detect_batch
+
+    def spy(self, images):
+        pp = self.postprocessor
+        seen.append((self.test_scale, pp.epsilon_ratio, pp.text_repr_type))
+        return original(self, images)
+
+    monkeypatch.setattr(Detector, "detect_batch", spy)
+    return seen
+
+
+R18_RECIPE = "dbnet_resnet18_fpnc_1200e_icdar2015"
+
+
+def test_detect_with_a_recipe_name_uses_its_test_settings(mmocr_r18, icdar_synthetic, tmp_path, settings_seen):
+    image = icdar_synthetic / "ch4_test_images" / "img_1.png"
+    args = ["detect", str(image), "--weights", str(mmocr_r18), "--no-vis"]
+    assert main([*args, "--model", R18_RECIPE, "--out", str(tmp_path / "a")]) == 0
+    assert settings_seen[-1] == ((1333, 736), 0.01, "quad")  # MMOCR's DBNet R18 test pipeline
+    assert main([*args, "--model", R18_RECIPE, "--test-scale", "640,320", "--out", str(tmp_path / "b")]) == 0
+    assert settings_seen[-1] == ((640, 320), 0.01, "quad")  # an explicit flag wins
+
+
+def test_eval_with_a_recipe_name_uses_its_test_settings(mmocr_r18, icdar_synthetic, capsys, settings_seen):
+    assert main(["eval", "--data", str(icdar_synthetic), "--weights", str(mmocr_r18), "--model", R18_RECIPE]) == 0
+    assert settings_seen and set(settings_seen) == {((1333, 736), 0.01, "quad")}
+    assert json_line(capsys.readouterr().out)["test_scale"] == [1333, 736]

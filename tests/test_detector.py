@@ -14,15 +14,16 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from helpers import random_state_dict
 from shapely.geometry import Polygon
 from torch import nn
 
 from dbnetpp.checkpoint import save_checkpoint
-from dbnetpp.config import get_config
+from dbnetpp.config import get_config, inference_recipe
 from dbnetpp.data import SyntheticText, db_targets
 from dbnetpp.detector import Detector, load_model, read_image
 from dbnetpp.loss import DBLoss
-from dbnetpp.models.dbnet import build_model
+from dbnetpp.models.dbnet import MODEL_NAMES, build_model
 from dbnetpp.preprocess import normalize_image
 
 MEAN_RGB = np.array([123.675, 116.28, 103.53])
@@ -344,7 +345,7 @@ def test_checkpoint_formats_and_errors(tmp_path):
 
     assert Detector(ours).test_scale == (640, 320)  # from the checkpoint's config
     assert Detector(ours, test_scale=(100, 50)).test_scale == (100, 50)
-    assert Detector(mmocr, "dbnet_resnet18_tiny").test_scale == (4068, 1024)
+    assert Detector(mmocr, "dbnet_resnet18_tiny").test_scale == (512, 256)  # the name's preset
 
     with pytest.raises(FileNotFoundError, match="nothere.pth"):
         Detector(tmp_path / "nothere.pth")
@@ -428,3 +429,45 @@ def test_postprocessing_defaults_come_from_the_checkpoint_recipe():
     assert (explicit.postprocessor.epsilon_ratio, explicit.postprocessor.text_repr_type) == (0.002, "quad")
     bare = Detector({"model": net.state_dict(), "model_name": "dbnet_resnet18_tiny"})
     assert (bare.postprocessor.epsilon_ratio, bare.postprocessor.text_repr_type) == (0.002, "quad")
+
+
+# ----------------------------------------------------------------------------- a model name brings its recipe
+
+
+def test_every_model_name_has_its_recipes_test_settings():
+    """MMOCR's configs: DBNet epsilon 0.01 / DBNet++ 0.002, ResNet-18 at 1333x736, ResNet-50 at 4068x1024."""
+    for name in MODEL_NAMES:
+        recipe = inference_recipe(name)
+        assert recipe is not None and recipe.text_repr_type == "quad", name
+        assert recipe.epsilon_ratio == (0.002 if name.startswith("dbnetpp_") or "tiny" in name else 0.01), name
+        if "tiny" in name:
+            assert recipe.test_scale == (512, 256), name
+        else:
+            assert recipe.test_scale == ((1333, 736) if "resnet18" in name else (4068, 1024)), name
+    assert inference_recipe("no_such_model") is None
+
+
+@pytest.fixture(scope="module")
+def mmocr_r18_checkpoint(tmp_path_factory):
+    """An MMOCR-format checkpoint (``state_dict`` + ``meta``) of the DBNet R18 architecture."""
+    net = build_model("dbnet_resnet18_fpnc_1200e_icdar2015")
+    path = tmp_path_factory.mktemp("mmocr_r18") / "dbnet_r18.pth"
+    keys = {k: v.shape for k, v in net.state_dict().items()}
+    torch.save({"meta": {"epoch": 1200}, "state_dict": random_state_dict(keys)}, path)
+    return path
+
+
+def test_mmocr_checkpoint_with_a_recipe_name_runs_that_recipe(mmocr_r18_checkpoint):
+    name = "dbnet_resnet18_fpnc_1200e_icdar2015"
+    detector = Detector(mmocr_r18_checkpoint, model=name)
+    assert detector.test_scale == (1333, 736)
+    assert (detector.postprocessor.epsilon_ratio, detector.postprocessor.text_repr_type) == (0.01, "quad")
+    # the resize really uses it: a 1280x720 photo goes to 736 on the short side
+    tensor, (sx, sy) = detector.preprocess(np.zeros((720, 1280, 3), np.uint8))
+    assert tensor.shape[1:] == (736, round(1280 * 736 / 720))
+    assert sx == pytest.approx(tensor.shape[2] / 1280) and sy == pytest.approx(736 / 720)
+    # explicit arguments win over the recipe
+    explicit = Detector(mmocr_r18_checkpoint, model=name, test_scale=(640, 320), epsilon_ratio=0.002)
+    assert explicit.test_scale == (640, 320) and explicit.postprocessor.epsilon_ratio == 0.002
+    # the builder alias of the architecture takes its ICDAR 2015 recipe
+    assert Detector(mmocr_r18_checkpoint, model="dbnet_resnet18").test_scale == (1333, 736)
