@@ -156,13 +156,16 @@ def _strip_module(key: str) -> str:
     return key[len("module.") :] if key.startswith("module.") else key
 
 
-def load_model_weights(model: nn.Module, path_or_dict: Union[PathLike, Mapping[str, Any]]) -> str:
+def load_model_weights(
+    model: nn.Module, path_or_dict: Union[PathLike, Mapping[str, Any]], averaged: bool = True
+) -> str:
     """Load weights (no optimiser state) into ``model`` strictly; returns the detected format.
 
     Accepts a dbnetpp checkpoint, an MMOCR checkpoint (model-zoo files too), a bare detector
     state dict (a DDP ``module.`` prefix is dropped), or torchvision ImageNet ResNet weights
     (backbone only), as a path or an already loaded dict. Missing, unexpected or mis-shaped keys raise a
-    ValueError that names the source and the keys.
+    ValueError that names the source and the keys. A dbnetpp checkpoint of a run with weight EMA
+    gives its averaged weights (the ones it evaluated) unless ``averaged=False`` (resuming).
     """
     from dbnetpp.weights import load_mmocr_checkpoint, load_state_dict_file, load_torchvision_backbone
 
@@ -181,7 +184,9 @@ def load_model_weights(model: nn.Module, path_or_dict: Union[PathLike, Mapping[s
         name = getattr(model, "name", None)
         if name is not None and ckpt["model_name"] != name:
             warnings.warn(f"{source} holds a {ckpt['model_name']!r} model, loading into {name!r}")
-        state: Mapping[str, Any] = ckpt["model"]
+        ema = ckpt.get("ema")
+        use_ema = averaged and isinstance(ema, Mapping) and isinstance(ema.get("model"), Mapping)
+        state: Mapping[str, Any] = ema["model"] if use_ema else ckpt["model"]
     elif fmt == "mmocr":
         state = ckpt["state_dict"]
     else:

@@ -46,6 +46,7 @@ traceback).
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -79,6 +80,7 @@ from dbnetpp.checkpoint import (
 from dbnetpp.cli import error_line
 from dbnetpp.config import AMP_DTYPES, OPTIMIZERS, PRESETS, Config, get_config
 from dbnetpp.data import SyntheticText, TestDataset, TrainDataset, collate_test, collate_train, open_dataset
+from dbnetpp.ema import WeightEMA
 from dbnetpp.engine import (
     NonFiniteLossError,
     build_optimizer,
@@ -124,6 +126,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--auto-scale-lr", action="store_true",
                    help="scale the LR by total batch / base batch (MMOCR's flag; the recipes do not by default)")
     p.add_argument("--clip-grad", type=float, default=None, help="max gradient L2 norm")
+    p.add_argument("--ema-decay", type=float, default=None,
+                   help="evaluate and save an EMA of the weights with this decay (0: off; --preset tiny uses 0.995)")
     p.add_argument("--amp", choices=AMP_DTYPES, default=None, help="autocast dtype (fp16 uses a GradScaler)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -174,6 +178,13 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
+    cfg = _config_from_args(args)
+    if args.ema_decay == 0:  # off, whatever the preset says
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ema_decay=None))
+    return cfg
+
+
+def _config_from_args(args: argparse.Namespace) -> Config:
     return get_config(
         args.preset,
         model={
@@ -206,6 +217,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             "save_interval_iters": args.save_interval_iters,
             "keep_last": args.keep_last,
             "keep_memory": False if args.no_keep_memory else None,
+            "ema_decay": args.ema_decay or None,
             "log_interval": args.log_interval,
             "seed": args.seed,
         },
@@ -383,7 +395,7 @@ def _run(args: argparse.Namespace, cfg: Config, info: dist_utils.DistInfo, start
     # model
     model = build_model(cfg.model.name)
     if checkpoint is not None:
-        load_model_weights(model, checkpoint)
+        load_model_weights(model, checkpoint, averaged=False)  # the trained weights; the EMA follows
     else:
         initialize_model(model, cfg, info, progress, pretrained=not args.no_pretrained, load_from=args.load_from)
     model.to(device)
@@ -395,6 +407,10 @@ def _run(args: argparse.Namespace, cfg: Config, info: dist_utils.DistInfo, start
     if info.world_size > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    # the evaluated (and, in checkpoints, inference) weights: an EMA of the trained ones, if asked
+    ema = WeightEMA(model_without_ddp, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    if ema is not None and checkpoint is not None and checkpoint.get("ema"):
+        ema.load_state_dict(checkpoint["ema"])
     optimizer = build_optimizer(model_without_ddp, cfg.train.optimizer, lr, cfg.train.momentum, cfg.train.weight_decay)
     scaler = make_grad_scaler(device, enabled=cfg.train.amp == "fp16")
     criterion = DBLoss()
@@ -423,7 +439,7 @@ def _run(args: argparse.Namespace, cfg: Config, info: dist_utils.DistInfo, start
 
     def run_evaluation(epoch: int) -> Dict[str, Any]:
         result = evaluate(
-            inference_model(model_without_ddp),
+            inference_model(model_without_ddp if ema is None else ema.module),
             test_loader,
             device,
             postprocessor,
@@ -470,6 +486,8 @@ def _run(args: argparse.Namespace, cfg: Config, info: dist_utils.DistInfo, start
             "sampler": [g["sampler"] for g in gathered],
             "best_hmean": best_hmean,
         }
+        if ema is not None:
+            state["ema"] = ema.state_dict()
         save_checkpoint(state, [work_dir / "last.pth", *(work_dir / n for n in names)])
         if cfg.train.keep_last is not None:
             rotate_checkpoints(work_dir, cfg.train.keep_last)
@@ -484,6 +502,8 @@ def _run(args: argparse.Namespace, cfg: Config, info: dist_utils.DistInfo, start
 
     def after_step(iter_in_epoch: int, step: int) -> None:
         nonlocal result, best_hmean
+        if ema is not None:
+            ema.update(model_without_ddp)
         every = cfg.train.save_interval_iters
         if every is not None and step % every == 0 and step < total_steps:
             save(epoch, iter_in_epoch, step, [f"iter_{step}.pth"], finished=False)

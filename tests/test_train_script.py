@@ -91,7 +91,7 @@ def test_torchrun_two_processes_tiny_preset_one_epoch(tmp_path):
 @pytest.mark.slow
 def test_exact_resume_equals_straight_run(tmp_path, train_module, monkeypatch):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = [*MICRO, "--epochs", "2", "--eval-interval", "100"]
+    common = [*MICRO, "--epochs", "2", "--eval-interval", "100", "--ema-decay", "0.9"]
     run_main(train_module, *common, "--work-dir", str(straight))
 
     real_train_one_epoch = train_module.train_one_epoch
@@ -112,7 +112,7 @@ def test_exact_resume_equals_straight_run(tmp_path, train_module, monkeypatch):
 
     a, b = read_checkpoint(straight / "last.pth"), read_checkpoint(resumed / "last.pth")
     assert a["epoch"] == b["epoch"] == 1
-    for key in ("model", "optimizer", "global_step", "rng", "sampler", "scaler", "best_hmean"):
+    for key in ("model", "ema", "optimizer", "global_step", "rng", "sampler", "scaler", "best_hmean"):
         assert_tensors_close(a[key], b[key], key)
     # epoch 1 did move the weights: the comparison is not vacuous
     floats = [k for k, v in a["model"].items() if v.is_floating_point()]
