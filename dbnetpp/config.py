@@ -54,6 +54,8 @@ class DataConfig:
     # None: off. The Total-Text and SynthText recipes use 4.
     fix_polygons: Optional[int] = None
     train_size: int = 640  # side of the square training crop, pixels
+    # RandomCrop's smallest crop side / image side; the crop is resized to train_size (MMOCR: 0.1)
+    crop_min_side_ratio: float = 0.1
     test_scale: Tuple[int, int] = (4068, 1024)  # (long, short) side limits of the test resize, pixels
     workers: int = 8  # DataLoader workers per process
     synthetic_train_images: int = 1000
@@ -148,6 +150,8 @@ class Config:
             raise ValueError(f"clip_grad must be > 0, got {t.clip_grad}")
         if t.ema_decay is not None and not 0 < t.ema_decay < 1:
             raise ValueError(f"train.ema_decay must be None (off) or in (0, 1), got {t.ema_decay}")
+        if not 0 < d.crop_min_side_ratio <= 1:
+            raise ValueError(f"data.crop_min_side_ratio must be in (0, 1], got {d.crop_min_side_ratio}")
         if d.train_size % 32 != 0:
             raise ValueError(f"data.train_size must be a multiple of 32, got {d.train_size}")
         if len(d.test_scale) != 2 or min(d.test_scale) < 32:
@@ -211,6 +215,7 @@ TINY_DBNET = Config(
 # the end (4.7-4.8 min); see the README.
 TINY_DBNETPP = dataclasses.replace(
     TINY_DBNET,
+    data=dataclasses.replace(TINY_DBNET.data, crop_min_side_ratio=0.5),
     model=ModelConfig(name="dbnetpp_resnet18_dcnv2_tiny", channels_last=True),  # ~13 % faster steps on the CPU
     train=dataclasses.replace(
         TINY_DBNET.train, epochs=12, batch_size=4, base_batch_size=4, lr=1.5e-3, ema_decay=0.995

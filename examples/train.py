@@ -379,7 +379,8 @@ def _run(args: argparse.Namespace, cfg: Config, info: dist_utils.DistInfo, start
         test_set, batch_size=cfg.train.batch_size, sampler=test_sampler, collate_fn=collate_test, **loader_kwargs
     )
     if train_source is not None:
-        train_set = TrainDataset(train_source, size=cfg.data.train_size, seed=cfg.train.seed)
+        train_set = TrainDataset(train_source, size=cfg.data.train_size, seed=cfg.train.seed,
+                                 min_side_ratio=cfg.data.crop_min_side_ratio)
         # DistributedSampler's order, in one process too, and able to start an epoch part-way
         train_sampler = ResumableSampler(len(train_set), info.world_size, info.rank, shuffle=True, seed=cfg.train.seed)
         # The loader draws its workers' base seed from its own generator, re-seeded every epoch:

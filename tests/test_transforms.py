@@ -361,3 +361,25 @@ def test_bad_inputs_raise_clear_errors():
                           np.random.default_rng(0))
     with pytest.raises(ValueError, match="ignore has 1 flags for 2 polygons"):
         T.train_transform(np.zeros((8, 8, 3), np.uint8), [np.zeros((4, 2))] * 2, [True], np.random.default_rng(0))
+
+
+def test_min_side_ratio_bounds_how_much_text_is_enlarged():
+    """The crop (at least ``r`` x the rescaled side) is resized to ``size``: text grows at most
+    ``size / (r * side)`` times against the source image, whatever the imgaug rescale drew."""
+    rng_image = np.random.default_rng(0)
+    image = rng_image.integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    polygons = [np.array([[x, y], [x + 20, y], [x + 20, y + 10], [x, y + 10]], np.float32)
+                for x in range(10, 230, 40) for y in range(10, 240, 30)]  # fmt: skip
+    source_area = 20 * 10
+
+    def largest_growth(ratio, seed):
+        out = T.train_transform(image, polygons, None, np.random.default_rng(seed), 256, True, ratio)
+        return max(Polygon(p).area for p in out.polygons) / source_area if out and out.polygons else 0.0
+
+    bounded = [largest_growth(0.5, seed) for seed in range(40)]
+    assert max(bounded) <= (256 / (0.5 * 256)) ** 2 * 1.05  # at most 2x per side (+ rounding)
+    assert max(largest_growth(0.1, seed) for seed in range(40)) > 4.5  # MMOCR's 0.1 zooms further
+    with pytest.raises(ValueError, match="min_side_ratio"):
+        from dbnetpp.data import TrainDataset
+
+        TrainDataset([{"image": image, "polygons": polygons, "ignore": [False] * len(polygons)}], min_side_ratio=0)

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from ..preprocess import batch_images, normalize_image
 from .sources import FixedPolygons
 from .targets import db_targets
-from .transforms import TEST_SCALE, TRAIN_SIZE, resize_for_test, train_transform
+from .transforms import MIN_SIDE_RATIO, TEST_SCALE, TRAIN_SIZE, resize_for_test, train_transform
 
 MAX_REFETCH = 1000  # MMOCR's BaseDataset.max_refetch
 TARGET_KEYS = ("shrink_map", "shrink_mask", "thr_map", "thr_mask")
@@ -57,10 +57,17 @@ class TrainDataset(Dataset):
         fix_polygons: MMOCR's ``FixInvalidPolygon(min_poly_points=N)`` right after loading
             (Total-Text, SynthText: 4); None: off. ``open_dataset(..., fix_polygons=N)`` does the
             same in the source (applying it twice changes nothing: fixed polygons are valid).
+        min_side_ratio: ``RandomCrop``'s smallest crop side / image side (MMOCR: 0.1).
     """
 
     def __init__(
-        self, source: Any, size: int = TRAIN_SIZE, seed: int = 0, fused: bool = True, fix_polygons: Optional[int] = None
+        self,
+        source: Any,
+        size: int = TRAIN_SIZE,
+        seed: int = 0,
+        fused: bool = True,
+        fix_polygons: Optional[int] = None,
+        min_side_ratio: float = MIN_SIDE_RATIO,
     ) -> None:
         if fix_polygons is not None:
             source = FixedPolygons(source, fix_polygons)
@@ -72,6 +79,9 @@ class TrainDataset(Dataset):
         self.size = int(size)
         self.seed = int(seed)
         self.fused = fused
+        if not 0 < float(min_side_ratio) <= 1:
+            raise ValueError(f"min_side_ratio must be in (0, 1], got {min_side_ratio}")
+        self.min_side_ratio = float(min_side_ratio)
         # Shared memory: set_epoch in the main process reaches persistent workers too.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
@@ -93,7 +103,9 @@ class TrainDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         for _ in range(MAX_REFETCH + 1):
             sample = _get_sample(self.source, index, ("image", "polygons", "ignore"))
-            out = train_transform(sample["image"], sample["polygons"], sample["ignore"], rng, self.size, self.fused)
+            out = train_transform(
+                sample["image"], sample["polygons"], sample["ignore"], rng, self.size, self.fused, self.min_side_ratio
+            )
             if out is not None:
                 break
             index = int(rng.integers(len(self.source)))

@@ -591,6 +591,7 @@ def train_transform(
     rng: np.random.Generator,
     size: int = TRAIN_SIZE,
     fused: bool = True,
+    min_side_ratio: float = MIN_SIDE_RATIO,
 ) -> Optional[TrainSample]:
     """The DBNet++ training pipeline for one sample (REFERENCE §8 steps 3-7).
 
@@ -601,6 +602,9 @@ def train_transform(
         rng: source of every random draw.
         size: output side (640 in the recipe).
         fused: render the image with one warp (fast, default) or step by step (reference).
+        min_side_ratio: ``RandomCrop``'s smallest crop side, as a fraction of the image side
+            (MMOCR: 0.1). The crop is then resized to ``size``, so text ends up 1 / (crop fraction)
+            times larger than in the rescaled image: a larger ratio keeps text nearer its size.
 
     Returns:
         :class:`TrainSample` with a (size, size, 3) image, or None when no polygon
@@ -623,7 +627,7 @@ def train_transform(
     if not polys:
         return None
 
-    box = sample_crop_box(polys, rs_h, rs_w, rng)
+    box = sample_crop_box(polys, rs_h, rs_w, rng, min_side_ratio)
     x1, y1, x2, y2 = box
     crop_h, crop_w = y2 - y1, x2 - x1
     out_h, out_w = keep_ratio_size(crop_h, crop_w, (size, size)) if min(crop_h, crop_w) > 0 else (0, 0)
