@@ -440,8 +440,8 @@ def test_every_model_name_has_its_recipes_test_settings():
         recipe = inference_recipe(name)
         assert recipe is not None and recipe.text_repr_type == "quad", name
         assert recipe.epsilon_ratio == (0.002 if name.startswith("dbnetpp_") or "tiny" in name else 0.01), name
-        if "tiny" in name:
-            assert recipe.test_scale == (512, 256), name
+        if "tiny" in name:  # the CPU presets: 256 x 256 synthetic images, the DBNet++ tested at 1.25x
+            assert recipe.test_scale == ((640, 320) if name.startswith("dbnetpp") else (512, 256)), name
         else:
             assert recipe.test_scale == ((1333, 736) if "resnet18" in name else (4068, 1024)), name
     assert inference_recipe("no_such_model") is None
