@@ -190,11 +190,12 @@ def test_bad_arguments_fail_early(train_module):
     cfg = train_module.config_from_args(parser.parse_args(["--preset", "tiny_dbnetpp"]))
     assert cfg.model.name == "dbnetpp_resnet18_dcnv2_tiny" and cfg.data == tiny.data and cfg.train == tiny.train
     # the small DBNet: same images and LR per image; batch 8 for 14 epochs, where the DBNet++ runs batch 4 for
-    # 12 with crops of at least half the image (MMOCR's 0.1 for the DBNet) and an EMA of its weights
+    # 12 with crops of at least half the image (MMOCR's 0.1 for the DBNet), tested at 1.25x, with an EMA
     cfg = train_module.config_from_args(parser.parse_args(["--preset", "tiny_dbnet"]))
     assert cfg.model.name == "dbnet_resnet18_tiny"
     assert (cfg.data.crop_min_side_ratio, tiny.data.crop_min_side_ratio) == (0.1, 0.5)
-    assert dataclasses.replace(cfg.data, crop_min_side_ratio=0.5) == tiny.data
+    assert (cfg.data.test_scale, tiny.data.test_scale) == ((512, 256), (640, 320))
+    assert dataclasses.replace(cfg.data, crop_min_side_ratio=0.5, test_scale=(640, 320)) == tiny.data
     assert (cfg.train.batch_size, cfg.train.epochs, tiny.train.batch_size, tiny.train.epochs) == (8, 14, 4, 12)
     assert math.isclose(cfg.train.lr / cfg.train.base_batch_size, tiny.train.lr / tiny.train.base_batch_size)
     same_schedule = dict(batch_size=4, base_batch_size=4, lr=tiny.train.lr, epochs=12, ema_decay=0.995)
