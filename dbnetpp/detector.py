@@ -41,6 +41,7 @@ ImageInput = Union[str, "os.PathLike[str]", np.ndarray]
 PathLike = Union[str, "os.PathLike[str]"]
 
 _MAX_DETAIL = 400
+MAX_TEST_SIDE = 8192  # test_scale sides past this are refused (a 8192x8192 input is ~1 GB of features)
 
 
 def _as_bgr(image: ImageInput) -> np.ndarray:
@@ -80,7 +81,10 @@ def _stored_test_scale(checkpoint: Mapping) -> Optional[Tuple[int, int]]:
     """``config["data"]["test_scale"]`` of a dbnetpp checkpoint, if it has one."""
     scale = _stored(checkpoint, "data", "test_scale")
     if isinstance(scale, (list, tuple)) and len(scale) == 2:
-        return int(scale[0]), int(scale[1])
+        try:
+            return int(scale[0]), int(scale[1])
+        except (TypeError, ValueError, OverflowError):
+            return tuple(scale)  # type: ignore[return-value]  # check_test_scale names it
     return None
 
 
@@ -100,6 +104,22 @@ def load_model(weights: Union[PathLike, Mapping], model: Optional[str] = None) -
     with the file named.
     """
     return _load_model(weights, model)[0]
+
+
+def check_test_scale(test_scale: Any) -> Tuple[int, int]:
+    """(long, short) as ints; ValueError naming ``test_scale`` unless both are integers in
+    [1, MAX_TEST_SIDE]."""
+    import numbers
+
+    ok = (
+        isinstance(test_scale, (tuple, list))
+        and len(test_scale) == 2
+        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in test_scale)
+        and all(1 <= v <= MAX_TEST_SIDE for v in test_scale)
+    )
+    if not ok:
+        raise ValueError(f"test_scale must be two integer sizes (long, short) in [1, {MAX_TEST_SIDE}], got {test_scale!r}")
+    return int(test_scale[0]), int(test_scale[1])
 
 
 def _load_model(weights: Union[PathLike, Mapping], model: Optional[str]) -> Tuple[nn.Module, Mapping]:
@@ -177,14 +197,15 @@ class Detector:
         from dbnetpp.models.dbnet import DBNet
         from dbnetpp.postprocess import DBPostProcessor
 
+        if test_scale is not None:  # settings are checked before the weights are read
+            check_test_scale(test_scale)
         if isinstance(weights, nn.Module):
             net, checkpoint = copy.deepcopy(weights).eval(), {}
         else:
             net, checkpoint = _load_model(weights, model)
         if test_scale is None:
             test_scale = _stored_test_scale(checkpoint) or DEFAULT_TEST_SCALE
-        if len(test_scale) != 2 or min(test_scale) <= 0:
-            raise ValueError(f"test_scale must be two positive sizes (long, short), got {test_scale}")
+        test_scale = check_test_scale(test_scale)
         self.model_name = getattr(net, "name", type(net).__name__)
         self.device = torch.device(device)
         net = net.to(self.device)

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Tuple, Union
 
 import numpy as np
 
-from .base import IGNORE_TEXT, AnnotatedImages, read_image
+from .base import IGNORE_TEXT, AnnotatedImages, read_image, read_text
 from .textdet_json import load_textdet_json
 
 __all__ = ["ICDAR2015", "parse_gt_file", "read_image", "IGNORE_TEXT", "SPLITS"]
@@ -58,12 +58,11 @@ def parse_gt_file(path: PathLike) -> Dict[str, Any]:
         ``ignore`` (bool ndarray (n,), transcription == '###') and ``texts`` (list[str]).
 
     Raises:
-        ValueError: ``path:line: ...`` for a line with fewer than 8 fields or a
-            coordinate that is not a finite number.
+        ValueError: ``path:line: ...`` for a line with fewer than 8 fields, a
+            coordinate that is not a finite number, or bytes that are not UTF-8.
     """
     path = Path(path)
-    with open(path, "r", encoding="utf-8-sig") as f:  # universal newlines: CRLF -> LF
-        lines = f.read().split("\n")
+    lines = read_text(path).split("\n")  # CRLF -> LF; not UTF-8: ValueError naming the file
     polygons: List[np.ndarray] = []
     texts: List[str] = []
     for number, line in enumerate(lines, start=1):
