@@ -118,7 +118,9 @@ def check_test_scale(test_scale: Any) -> Tuple[int, int]:
         and all(1 <= v <= MAX_TEST_SIDE for v in test_scale)
     )
     if not ok:
-        raise ValueError(f"test_scale must be two integer sizes (long, short) in [1, {MAX_TEST_SIDE}], got {test_scale!r}")
+        raise ValueError(
+            f"test_scale must be two integer sizes (long, short) in [1, {MAX_TEST_SIDE}], got {test_scale!r}"
+        )
     return int(test_scale[0]), int(test_scale[1])
 
 

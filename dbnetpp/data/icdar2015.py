@@ -130,7 +130,8 @@ class ICDAR2015(AnnotatedImages):
                 raise FileNotFoundError(f"{len(missing)} image(s) of the {split} split are missing, e.g. {missing[0]}")
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, layout={self.layout!r}, images={len(self)})"
+        name, root = type(self).__name__, str(self.root)
+        return f"{name}(root={root!r}, split={self.split!r}, layout={self.layout!r}, images={len(self)})"
 
 
 def _load_official(root: Path, split: str, require_images: bool) -> Tuple[List[Path], List[Dict[str, Any]]]:
@@ -139,7 +140,9 @@ def _load_official(root: Path, split: str, require_images: bool) -> Tuple[List[P
     gt_dir = next((root / name for name in gt_names if (root / name).is_dir()), None)
     if gt_dir is None:
         looked_for = " or ".join(f"{name}/" for name in gt_names)
-        raise FileNotFoundError(f"no ICDAR 2015 {split} annotations under {root}: looked for {json_name} or {looked_for}")
+        raise FileNotFoundError(
+            f"no ICDAR 2015 {split} annotations under {root}: looked for {json_name} or {looked_for}"
+        )
     if image_dir.is_dir():
         images = [p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
         images.sort(key=lambda p: natural_key(p.name))
