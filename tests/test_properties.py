@@ -336,6 +336,28 @@ def test_image_decoding_gives_an_image_or_an_error_naming_the_file(ext, seed, da
         assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 and image.size > 0
 
 
+@pytest.fixture(scope="module")
+def small_detector():
+    from dbnetpp.detector import Detector
+    from dbnetpp.models.dbnet import build_model
+
+    torch.manual_seed(0)
+    return Detector(build_model("dbnet_resnet18_tiny"), test_scale=(96, 64), min_text_width=0, min_text_score=0.0,
+                    prepare=False)
+
+
+@given(h=st.integers(1, 400), w=st.integers(1, 400), channels=st.sampled_from([None, 3, 4]), seed=st.integers(0, 9))
+def test_detector_takes_any_image_shape_and_returns_finite_polygons_inside_reach(small_detector, h, w, channels,
+                                                                                 seed):
+    shape = (h, w) if channels is None else (h, w, channels)
+    image = np.random.default_rng(seed).integers(0, 255, shape, dtype=np.uint8)
+    for polygon, score in small_detector.detect(image):
+        assert polygon.dtype == np.float32 and np.isfinite(polygon).all() and 0 <= score <= 1
+        # unclipped boxes may reach past the image, never by more than its size
+        margin = max(h, w)
+        assert polygon.min() >= -margin and polygon[:, 0].max() <= w + margin and polygon[:, 1].max() <= h + margin
+
+
 # ----------------------------------------------------------------------------- checkpoint loading
 
 CKPT_VALUES = st.recursive(
