@@ -3,17 +3,19 @@
 1. ``dbnetpp detect`` over N synthetic images (default 300, 640x480 to 1280x720 JPEGs) with an
    untrained small DBNet (or ``--weights``), one process, RSS read after every image;
 2. ``examples/train.py --preset tiny`` for M iterations (default 1000; ``--max-iters`` with an
-   evaluation every 250), RSS of the training process read every ``--every`` seconds.
+   evaluation every M/4), RSS of the training process read every ``--every`` seconds once 10 %
+   of the steps are done.
 
     python benchmarks/soak.py [--images 300] [--iters 1000] [--skip-train] [--skip-detect]
 
-Prints one JSON line per run: RSS after warm-up (the first 10 % of the run), at the end, the
+Prints one JSON line per run: RSS after warm-up (10 % of the images / steps), at the end, the
 maximum, the growth end - warm, with the CPU name and ISA. No assertion: tests/test_soak.py
 checks a short run.
 """
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -47,11 +49,13 @@ def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
-    return float("nan")
+    return math.nan  # a process that has exited (zombie) has no VmRSS
 
 
 def summary(name: str, samples: List[float], **extra) -> Dict:
-    warm = samples[max(1, len(samples) // 10)]
+    """Warm = the sample at 10 % of the run (detect: of the images; train: samples start at 10 %
+    of the steps, so its first one)."""
+    warm = samples[len(samples) // 10] if name == "soak_detect" else samples[0]
     return {
         "bench": name, "samples": len(samples), "rss_warm_mib": round(warm, 1),
         "rss_end_mib": round(samples[-1], 1), "rss_max_mib": round(max(samples), 1),
@@ -92,23 +96,47 @@ def soak_detect(count: int, weights: str, work: Path) -> Dict:
     return summary("soak_detect", samples, images=count, status=status, seconds=round(time.perf_counter() - start))
 
 
+def _last_step(log: Path) -> int:
+    """The newest optimiser step in a run's log.jsonl (0 before the first logged one)."""
+    try:
+        lines = log.read_text().splitlines()
+    except OSError:
+        return 0
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("type") == "train":
+            return int(record["step"])
+    return 0
+
+
 def soak_train(iters: int, every: float, work: Path) -> Dict:
+    """RSS of the training process after each sampled step; warm = when 10 % of the steps are done
+    (the synthetic sets are drawn and the first evaluation is behind)."""
     cmd = [sys.executable, str(REPO / "examples" / "train.py"), "--preset", "tiny", "--max-iters", str(iters),
-           "--eval-interval", str(max(1, iters // 4)), "--work-dir", str(work / "train"), "--no-progress"]  # fmt: skip
+           "--eval-interval", str(max(1, iters // 4)), "--log-interval", "1", "--work-dir", str(work / "train"),
+           "--no-progress"]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(REPO))
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     samples: List[float] = []
+    warm_at = max(1, iters // 10)
     while proc.poll() is None:
+        step = _last_step(work / "train" / "log.jsonl")
         try:
-            samples.append(rss_mib(proc.pid))
+            rss = rss_mib(proc.pid)
         except OSError:
             break
+        if step >= warm_at and math.isfinite(rss):
+            samples.append(rss)
         time.sleep(every)
     err = proc.stderr.read() if proc.stderr else ""
     seconds = round(time.perf_counter() - start)
     error = err.strip().splitlines()[-1] if proc.returncode and err.strip() else None
-    return summary("soak_train", samples, iters=iters, status=proc.returncode, seconds=seconds, error=error)
+    return summary("soak_train", samples or [math.nan], iters=iters, status=proc.returncode, seconds=seconds,
+                   error=error)  # fmt: skip
 
 
 def main() -> None:

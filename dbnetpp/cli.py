@@ -156,10 +156,7 @@ def parse_result_file(path: Path) -> Tuple[List[np.ndarray], List[float]]:
             raise ValueError(f"{path}:{lineno}: a polygon needs at least 3 (x, y) points, got {line[:80]!r}")
         with np.errstate(over="ignore"):
             polygon = np.asarray(values, dtype=np.float32).reshape(-1, 2)
-        try:
-            _check_detection(polygon, score, "line")
-        except ValueError as err:
-            raise ValueError(f"{path}:{lineno}: {err}: {line[:80]!r}") from None
+        _check_detection(polygon, score, f"{path}:{lineno}")
         polygons.append(polygon)
         scores.append(score)
     return polygons, scores
