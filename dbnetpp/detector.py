@@ -144,7 +144,12 @@ def _load_model(weights: Union[PathLike, Mapping], model: Optional[str]) -> Tupl
     if stored is not None and model is not None and model != stored and not same_architecture(model, stored):
         raise ValueError(f"{where} holds a {stored!r} model, but model {model!r} was asked for")
     name = model or stored or DEFAULT_MODEL
-    net = build_model(name)
+    try:
+        net = build_model(name)
+    except ValueError as err:
+        if model is not None:  # the caller's name: the message says which names exist
+            raise
+        raise ValueError(f"{where} names model {stored!r}: {_one_line(err)}") from None
     try:
         load_model_weights(net, checkpoint)
     except (RuntimeError, ValueError) as err:  # missing / unexpected / mis-shaped keys, unknown layout

@@ -404,3 +404,12 @@ def test_warnings_are_not_raised_for_ordinary_maps():
         warnings.simplefilter("error")
         polygons, scores = DBPostProcessor()(prob)
     assert len(polygons) == 1 and scores[0] == pytest.approx(0.9)
+
+
+def test_an_unknown_model_name_stored_in_a_checkpoint_names_the_file(tmp_path):
+    from dbnetpp.detector import Detector
+
+    path = tmp_path / "odd.pth"
+    torch.save({"model": {}, "model_name": "no_such_model", "epoch": 0}, path)
+    with pytest.raises(ValueError, match=r"odd.pth names model 'no_such_model'"):
+        Detector(path)
