@@ -216,7 +216,7 @@ def test_metric_refuses_non_finite_scores_and_coordinates():
     with pytest.raises(ValueError, match=r"gt_polygons\[1\].*finite"):  # ignored ground truth too
         metric.update([QUAD], [0.9], [QUAD, bad], [False, True])
     with pytest.raises(ValueError, match=r"gt_polygons\[0\].*finite"):  # 1e39 is inf in float32
-        metric.update([QUAD], [0.9], [QUAD * np.float64(1e38) * 10], [False])
+        metric.update([QUAD], [0.9], [QUAD.astype(np.float64) * 1e39], [False])
     assert metric.num_images == 0 and metric.gt_num == 0  # nothing half-counted
 
 
