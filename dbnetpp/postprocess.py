@@ -205,7 +205,7 @@ class DBPostProcessor:
             raise ValueError(f"DBPostProcessor: prob_map must be (H, W), got shape {prob_map.shape}")
         if not np.issubdtype(prob_map.dtype, np.floating):
             raise TypeError(f"DBPostProcessor: prob_map must be floating point, got {prob_map.dtype}")
-        if prob_map.size and not np.isfinite(prob_map.min() + prob_map.max()):  # no copy when finite
+        if prob_map.size and not (np.isfinite(prob_map.min()) and np.isfinite(prob_map.max())):  # NaN propagates
             prob_map = np.nan_to_num(prob_map, nan=0.0, posinf=1.0, neginf=0.0)
         # a python float compares in the array's dtype (NEP 50), like torch
         text_mask = np.greater(prob_map, self.mask_thr).view(np.uint8)
