@@ -59,7 +59,9 @@ def summary(name: str, samples: List[float], **extra) -> Dict:
     return {
         "bench": name, "samples": len(samples), "rss_warm_mib": round(warm, 1),
         "rss_end_mib": round(samples[-1], 1), "rss_max_mib": round(max(samples), 1),
-        "growth_after_warmup_mib": round(samples[-1] - warm, 1), **extra, **cpu_info(),
+        "growth_after_warmup_mib": round(samples[-1] - warm, 1),
+        "rss_deciles_mib": [round(samples[min(len(samples) - 1, k * len(samples) // 10)], 1) for k in range(11)],
+        **extra, **cpu_info(),
     }  # fmt: skip
 
 
