@@ -413,3 +413,12 @@ def test_an_unknown_model_name_stored_in_a_checkpoint_names_the_file(tmp_path):
     torch.save({"model": {}, "model_name": "no_such_model", "epoch": 0}, path)
     with pytest.raises(ValueError, match=r"odd.pth names model 'no_such_model'"):
         Detector(path)
+
+
+@pytest.mark.parametrize("shape", [(1, 3000, 3), (3000, 1, 3), (1, 1, 3)])
+def test_extreme_aspect_ratios_are_detected_not_crashed_on(shape, tiny_weights):
+    from dbnetpp.detector import Detector
+
+    detector = Detector(tiny_weights, test_scale=(128, 64), prepare=False)
+    for polygon, score in detector.detect(np.full(shape, 200, np.uint8)):  # a 1-pixel strip resizes to >= 1 pixel
+        assert np.isfinite(polygon).all() and 0 <= score <= 1
