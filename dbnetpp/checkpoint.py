@@ -22,9 +22,10 @@ bare state dict, or torchvision ImageNet ResNet weights (backbone only).
 """
 
 import contextlib
+import glob
 import os
 import random
-import tempfile
+import secrets
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence, Union
@@ -37,6 +38,9 @@ PathLike = Union[str, os.PathLike]
 
 _DETECTOR_PREFIXES = ("backbone.", "neck.", "det_head.")
 _TORCHVISION_RESNET_KEYS = ("conv1.weight", "bn1.weight", "layer1.0.conv1.weight")
+
+
+_TEMP_SUFFIX = ".tmp"
 
 
 class CheckpointError(ValueError):
@@ -56,6 +60,7 @@ def save_checkpoint(state: Mapping[str, Any], paths: Union[PathLike, Sequence[Pa
         raise ValueError("save_checkpoint needs at least one path")
     for target in targets:
         target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(target)
 
     first = targets[0]
     temps: List[Path] = []
@@ -87,9 +92,29 @@ def save_checkpoint(state: Mapping[str, Any], paths: Union[PathLike, Sequence[Pa
 
 
 def _temp_path(target: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    return Path(name)
+    """A new empty ``.<name>.<random>.tmp`` beside ``target``, created with mode 0666 less the
+    umask (so the checkpoint gets the same mode as any file the run writes, e.g. 0644)."""
+    for _ in range(100):
+        path = target.parent / f".{target.name}.{secrets.token_hex(4)}{_TEMP_SUFFIX}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return path
+    raise FileExistsError(f"no free temporary file name beside {target}")
+
+
+def remove_stale_temps(target: PathLike) -> List[Path]:
+    """Delete the ``.<name>.*.tmp`` partial files a killed writer of ``target`` left behind (a
+    finished write leaves none); returns them. One run writes its work directory at a time."""
+    target = Path(target)
+    removed = []
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*{_TEMP_SUFFIX}"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def _copy_synced(src: Path, dst: Path) -> None:

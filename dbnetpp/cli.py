@@ -22,6 +22,7 @@ set ``DBNETPP_DEBUG=1`` to get the traceback instead.
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -96,6 +97,9 @@ def write_result_file(
     (``dbnetpp.submission.format_scored_line``), which ``eval --predictions`` scores exactly as
     the run that wrote them; without it, plain integer Robust Reading lines.
     """
+    for poly, score in detections:
+        if not (np.isfinite(score) and np.isfinite(np.asarray(poly, dtype=np.float64)).all()):
+            raise ValueError(f"{path}: refusing to write a non-finite polygon or score ({score})")
     if fmt == "txt" and with_scores:
         from dbnetpp.submission import format_scored_line
 
@@ -110,7 +114,7 @@ def write_result_file(
                 for poly, score in detections
             ],
         }
-        text = json.dumps(record) + "\n"
+        text = json.dumps(record, allow_nan=False) + "\n"  # strict JSON: a NaN is an error, not a token
     path.write_text(text, encoding="utf-8")
 
 
@@ -121,18 +125,25 @@ def parse_result_file(path: Path) -> Tuple[List[np.ndarray], List[float]]:
     the score (Robust Reading with confidences), otherwise the score is 1. Raises ValueError
     naming the file and line for anything else.
     """
+    from dbnetpp.data.base import read_text
+
     polygons: List[np.ndarray] = []
     scores: List[float] = []
+    text = read_text(path)  # not UTF-8: ValueError naming the file and line
     if path.suffix == ".json":
         try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-            for det in record["detections"]:
-                polygons.append(np.asarray(det["polygon"], dtype=np.float32).reshape(-1, 2))
-                scores.append(float(det.get("score", 1.0)))
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}: not a dbnetpp result file ({type(err).__name__}: {err})") from err
+            record = json.loads(text)
+            for i, det in enumerate(record["detections"]):
+                with np.errstate(over="ignore"):
+                    polygon = np.asarray(det["polygon"], dtype=np.float32).reshape(-1, 2)
+                score = float(det.get("score", 1.0))
+                _check_detection(polygon, score, f"detections[{i}]")
+                polygons.append(polygon)
+                scores.append(score)
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as err:
+            raise ValueError(f"{path}: not a dbnetpp result file ({type(err).__name__}: {err})") from None
         return polygons, scores
-    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):
         line = line.strip()
         if not line:
             continue
@@ -143,9 +154,22 @@ def parse_result_file(path: Path) -> Tuple[List[np.ndarray], List[float]]:
         score = values.pop() if len(values) % 2 else 1.0
         if len(values) < 6:
             raise ValueError(f"{path}:{lineno}: a polygon needs at least 3 (x, y) points, got {line[:80]!r}")
-        polygons.append(np.asarray(values, dtype=np.float32).reshape(-1, 2))
+        with np.errstate(over="ignore"):
+            polygon = np.asarray(values, dtype=np.float32).reshape(-1, 2)
+        _check_detection(polygon, score, f"{path}:{lineno}")
+        polygons.append(polygon)
         scores.append(score)
     return polygons, scores
+
+
+def _check_detection(polygon: np.ndarray, score: float, what: str) -> None:
+    """ValueError unless ``polygon`` has >= 3 finite (float32) points and ``score`` is finite."""
+    if len(polygon) < 3:
+        raise ValueError(f"{what}: a polygon needs at least 3 (x, y) points")
+    if not np.isfinite(polygon).all():
+        raise ValueError(f"{what}: coordinates must be finite numbers (float32)")
+    if not np.isfinite(score):
+        raise ValueError(f"{what}: the score must be a finite number, got {score}")
 
 
 def _published_name(weights: str) -> Optional[str]:
@@ -209,24 +233,60 @@ def _write_image(path: Path, image: np.ndarray) -> None:
     data.tofile(str(path))
 
 
+def unique_images(images: Sequence[Path]) -> List[Path]:
+    """``images`` without repeats of the same file; ValueError naming the files when two
+    different files would write the same ``res_<stem>`` / ``vis_<stem>`` outputs."""
+    unique: List[Path] = []
+    seen = set()
+    by_stem: Dict[str, List[Path]] = {}
+    for path in images:
+        key = path.resolve()
+        if key in seen:  # the same file named twice: one result
+            continue
+        seen.add(key)
+        unique.append(path)
+        by_stem.setdefault(path.stem, []).append(path)
+    clashes = [paths for paths in by_stem.values() if len(paths) > 1]
+    if clashes:
+        named = "; ".join(" and ".join(str(p) for p in paths[:3]) for paths in clashes[:3])
+        raise ValueError(
+            f"{sum(len(c) for c in clashes)} input images share a file name stem, so their res_<stem> / "
+            f"vis_<stem> outputs would overwrite each other: {named}; rename them or run detect once per folder"
+        )
+    return unique
+
+
+def writable_folder(path: Path, flag: str) -> Path:
+    """Create ``path`` and check that a file can be written in it, before any work is done
+    (OSError naming the flag and the folder otherwise)."""
+    import tempfile
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".dbnetpp_write_check_"):
+            pass
+    except OSError as err:
+        raise OSError(f"{flag} {path}: cannot write there ({err.strerror or err})") from None
+    return path
+
+
 def cmd_detect(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from dbnetpp.data.icdar2015 import read_image
     from dbnetpp.visualize import draw_detections
 
-    images = collect_images(args.inputs)
+    images = unique_images(collect_images(args.inputs))
+    out = writable_folder(Path(args.out), "--out")
     detector = _detector_from_args(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    failed = 0
+    failed: List[str] = []
     num_texts = 0
     for path in _progress(images, len(images), "detect"):
         try:
             image = read_image(path)
-        except (OSError, ValueError) as err:
-            tqdm.write(f"error: {err}", file=sys.stderr)
-            failed += 1
+        except (OSError, ValueError) as err:  # the rest go on; listed at the end, exit 1
+            tqdm.write(f"error: {error_line(err)}", file=sys.stderr)
+            failed.append(str(path))
             continue
         detections = detector.detect(image)
         num_texts += len(detections)
@@ -235,12 +295,17 @@ def cmd_detect(args: argparse.Namespace) -> int:
             vis = draw_detections(image, [p for p, _ in detections], [s for _, s in detections])
             ext = ".png" if path.suffix.lower() == ".png" else ".jpg"
             _write_image(out / f"vis_{path.stem}{ext}", vis)
-    done = len(images) - failed
+    done = len(images) - len(failed)
     print(f"{num_texts} text regions in {done} image(s); results in {out}")
     if failed:
-        print(f"error: {failed} of {len(images)} image(s) could not be read", file=sys.stderr)
+        print(_skipped_line(failed, len(images)), file=sys.stderr)
         return EXIT_ERROR
     return 0
+
+
+def _skipped_line(failed: Sequence[str], total: int) -> str:
+    listed = ", ".join(failed[:10]) + (f", ... ({len(failed) - 10} more)" if len(failed) > 10 else "")
+    return f"error: {len(failed)} of {total} image(s) could not be read and were skipped: {listed}"
 
 
 def _eval_dataset(root: str, split: str, require_images: bool = True) -> Any:
@@ -260,7 +325,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if (args.weights is None) == (args.predictions is None):
         raise ValueError("give either --weights (run a model) or --predictions (score res_*.txt files)")
     dataset = _eval_dataset(args.data, args.split, require_images=args.predictions is None or bool(args.vis))
+    # output folders are checked before the work: a computed result is never lost to them
+    if args.vis:
+        writable_folder(Path(args.vis), "--vis")
+    if args.save_predictions:
+        writable_folder(Path(args.save_predictions), "--save-predictions")
     metric = HmeanIoU()
+    skipped: List[str] = []  # images that could not be read: not scored, listed, exit status 1
     record: Dict[str, Any] = {"data": str(args.data), "split": args.split}
     drawn: List[Any] = []  # (index, polygons, scores) of every image, for --vis
     if args.predictions is not None:
@@ -278,7 +349,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 polygons, scores = [], []
             else:
                 polygons, scores = parse_result_file(found)
-            metric.update(polygons, scores, sample["polygons"], sample["ignore"])
+            _update(metric, polygons, scores, sample, found)
             if args.vis:
                 drawn.append((i, polygons, scores))
         if missing == len(dataset):
@@ -290,17 +361,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
             )
         record["predictions"] = str(pred_dir)
     else:
+        from tqdm import tqdm
+
         detector = _detector_from_args(args)
         save_dir = Path(args.save_predictions) if args.save_predictions else None
-        if save_dir is not None:
-            save_dir.mkdir(parents=True, exist_ok=True)
         batch: List[Dict[str, Any]] = []
 
         def flush() -> None:
             results = detector.detect_batch([s["image"] for s in batch])
             for sample, detections in zip(batch, results):
                 polygons, scores = [p for p, _ in detections], [s for _, s in detections]
-                metric.update(polygons, scores, sample["polygons"], sample["ignore"])
+                _update(metric, polygons, scores, sample, None)
                 if args.vis:
                     drawn.append((sample["index"], polygons, scores))
                 if save_dir is not None:
@@ -312,7 +383,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             batch.clear()
 
         for i in _progress(range(len(dataset)), len(dataset), f"eval {args.split}"):
-            batch.append({**dataset[i], "index": i})
+            try:
+                sample = dataset[i]
+            except (OSError, ValueError) as err:  # the rest are scored; listed at the end, exit 1
+                tqdm.write(f"error: {error_line(err)}", file=sys.stderr)
+                skipped.append(str(dataset.image_paths[i]) if hasattr(dataset, "image_paths") else f"image {i}")
+                continue
+            batch.append({**sample, "index": i})
             if len(batch) == args.batch_size:
                 flush()
         if batch:
@@ -326,28 +403,53 @@ def cmd_eval(args: argparse.Namespace) -> int:
         score_thr=round(float(result["score_thr"]), 6),
         num_images=int(metric.num_images),
     )
+    if skipped:
+        record["skipped_images"] = skipped
     if args.vis:
-        _draw_eval(args.vis, dataset, drawn, result["score_thr"])
         record["vis"] = str(args.vis)
+    scored = f"{metric.num_images} images" if not skipped else f"{metric.num_images} of {len(dataset)} images scored"
     print(
         f"{args.split}: precision {result['precision']:.4f}  recall {result['recall']:.4f}  "
-        f"hmean {result['hmean']:.4f}  (score threshold {record['score_thr']:.1f}, {metric.num_images} images)"
+        f"hmean {result['hmean']:.4f}  (score threshold {record['score_thr']:.1f}, {scored})"
     )
-    print(json.dumps(record))
+    print(json.dumps(record, allow_nan=False), flush=True)  # the result is out before any drawing
+    if args.vis:
+        skipped += [p for p in _draw_eval(args.vis, dataset, drawn, result["score_thr"]) if p not in skipped]
+    if skipped:
+        print(_skipped_line(skipped, len(dataset)), file=sys.stderr)
+        return EXIT_ERROR
     return 0
 
 
-def _draw_eval(out_dir: str, dataset: Any, drawn: List[Any], score_thr: float) -> None:
+def _update(metric: Any, polygons: Any, scores: Any, sample: Dict[str, Any], source: Optional[Path]) -> None:
+    """``metric.update`` for one image; a ValueError names the result file (or the image)."""
+    try:
+        metric.update(polygons, scores, sample["polygons"], sample["ignore"])
+    except ValueError as err:
+        raise ValueError(f"{source or sample['path']}: {err}") from None
+
+
+def _draw_eval(out_dir: str, dataset: Any, drawn: List[Any], score_thr: float) -> List[str]:
     """vis_<image>.jpg per image in ``out_dir``: detections at the best score threshold, coloured as
-    the metric scored them (dbnetpp.visualize.draw_evaluation)."""
+    the metric scored them (dbnetpp.visualize.draw_evaluation). Returns the images that could not
+    be read (not drawn)."""
+    from tqdm import tqdm
+
     from dbnetpp.visualize import draw_evaluation, save_image
 
+    unreadable: List[str] = []
     for i, polygons, scores in _progress(drawn, len(drawn), "vis"):
-        sample = dataset[i]
+        try:
+            sample = dataset[i]
+        except (OSError, ValueError) as err:
+            tqdm.write(f"error: {error_line(err)}", file=sys.stderr)
+            unreadable.append(str(dataset.image_paths[i]))
+            continue
         picture, _ = draw_evaluation(
             sample["image"], polygons, scores, sample["polygons"], sample["ignore"], score_thr, show_scores=True
         )
         save_image(Path(out_dir) / f"vis_{Path(sample['path']).stem}.jpg", picture)
+    return unreadable
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
@@ -476,10 +578,20 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+_WORKER_HEADER = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\s*Original Traceback")
+
+
 def error_line(err: BaseException) -> str:
     """An exception as the one line after ``error: `` (whitespace folded, at most 800 characters:
-    room for the offline message's file, URL, cache folder and opt-out)."""
-    text = " ".join(str(err).split()) or type(err).__name__
+    room for the offline message's file, URL, cache folder and opt-out). An error re-raised from a
+    DataLoader worker ("Caught ValueError in DataLoader worker process 0. Original Traceback ...")
+    gives the worker's own message, so the line is the same with any number of workers."""
+    text = str(err)
+    if _WORKER_HEADER.match(text):
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        name = type(err).__name__
+        text = last[len(name) + 2 :] if last.startswith(f"{name}: ") else last
+    text = " ".join(text.split()) or type(err).__name__
     return text if len(text) <= 800 else text[:797] + "..."
 
 

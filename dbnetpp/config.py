@@ -14,12 +14,27 @@ printed, written to ``work_dir/config.json`` and stored in every checkpoint.
 """
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 AMP_DTYPES = ("bf16", "fp16")
 DATASET_KINDS = ("icdar2015", "totaltext", "synthtext")
+MAX_SIDE = 8192  # pixels: train_size, test_scale and synthetic_size past this are refused
+
+# fields that must be integers (not bool, not 2.5) and finite numbers, per section
+_INTEGERS = {
+    "data": ("fix_polygons", "train_size", "workers", "synthetic_train_images", "synthetic_test_images",
+             "synthetic_size", "synthetic_train_seed", "synthetic_test_seed"),
+    "train": ("epochs", "batch_size", "base_batch_size", "max_iters", "warmup", "eval_interval", "save_interval",
+              "save_interval_iters", "keep_last", "log_interval", "seed"),
+}  # fmt: skip
+_REALS = {
+    "model": ("epsilon_ratio",),
+    "train": ("lr", "momentum", "weight_decay", "lr_power", "lr_min", "warmup_factor", "clip_grad"),
+}
 
 
 @dataclass(frozen=True)
@@ -104,6 +119,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        self.validate()  # refused where it is made, not three calls later
+
     def to_dict(self) -> Dict[str, Any]:
         """Plain nested dict (lists instead of tuples): JSON- and ``weights_only``-safe."""
         return _plain(dataclasses.asdict(self))
@@ -125,7 +143,38 @@ class Config:
         return cls(**sections).validate()
 
     def validate(self) -> "Config":
+        """Return self, or raise ValueError naming the first bad setting."""
         t, d = self.train, self.data
+        for section, names in _INTEGERS.items():
+            for name in names:
+                value = getattr(getattr(self, section), name)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                    raise ValueError(f"{section}.{name} must be an integer, got {value!r}")
+        for section, names in _REALS.items():
+            for name in names:
+                value = getattr(getattr(self, section), name)
+                if value is not None and (
+                    isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+                ):
+                    raise ValueError(f"{section}.{name} must be a finite number, got {value!r}")
+        for name in ("test_scale", "synthetic_words"):
+            value = getattr(d, name)
+            if not isinstance(value, (tuple, list)) or not all(
+                isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value
+            ):
+                raise ValueError(f"data.{name} must be two integers, got {value!r}")
+        if t.momentum < 0 or t.weight_decay < 0 or t.lr_power <= 0:
+            raise ValueError(
+                f"need momentum >= 0, weight_decay >= 0 and lr_power > 0, got {t.momentum}, {t.weight_decay}, "
+                f"{t.lr_power}"
+            )
+        if not 32 <= d.train_size <= MAX_SIDE or max(d.test_scale) > MAX_SIDE or d.synthetic_size > MAX_SIDE:
+            raise ValueError(
+                f"data.train_size, test_scale and synthetic_size must be in [32, {MAX_SIDE}] pixels, got "
+                f"{d.train_size}, {d.test_scale}, {d.synthetic_size}"
+            )
+        if len(d.synthetic_words) != 2 or not 0 <= d.synthetic_words[0] <= d.synthetic_words[1]:
+            raise ValueError(f"data.synthetic_words must be (min, max) with 0 <= min <= max, got {d.synthetic_words}")
         if t.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {t.optimizer!r}")
         if t.amp is not None and t.amp not in AMP_DTYPES:

@@ -41,6 +41,7 @@ ImageInput = Union[str, "os.PathLike[str]", np.ndarray]
 PathLike = Union[str, "os.PathLike[str]"]
 
 _MAX_DETAIL = 400
+MAX_TEST_SIDE = 8192  # test_scale sides past this are refused (a 8192x8192 input is ~1 GB of features)
 
 
 def _as_bgr(image: ImageInput) -> np.ndarray:
@@ -80,7 +81,10 @@ def _stored_test_scale(checkpoint: Mapping) -> Optional[Tuple[int, int]]:
     """``config["data"]["test_scale"]`` of a dbnetpp checkpoint, if it has one."""
     scale = _stored(checkpoint, "data", "test_scale")
     if isinstance(scale, (list, tuple)) and len(scale) == 2:
-        return int(scale[0]), int(scale[1])
+        try:
+            return int(scale[0]), int(scale[1])
+        except (TypeError, ValueError, OverflowError):
+            return tuple(scale)  # type: ignore[return-value]  # check_test_scale names it
     return None
 
 
@@ -100,6 +104,24 @@ def load_model(weights: Union[PathLike, Mapping], model: Optional[str] = None) -
     with the file named.
     """
     return _load_model(weights, model)[0]
+
+
+def check_test_scale(test_scale: Any) -> Tuple[int, int]:
+    """(long, short) as ints; ValueError naming ``test_scale`` unless both are integers in
+    [1, MAX_TEST_SIDE]."""
+    import numbers
+
+    ok = (
+        isinstance(test_scale, (tuple, list))
+        and len(test_scale) == 2
+        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in test_scale)
+        and all(1 <= v <= MAX_TEST_SIDE for v in test_scale)
+    )
+    if not ok:
+        raise ValueError(
+            f"test_scale must be two integer sizes (long, short) in [1, {MAX_TEST_SIDE}], got {test_scale!r}"
+        )
+    return int(test_scale[0]), int(test_scale[1])
 
 
 def _load_model(weights: Union[PathLike, Mapping], model: Optional[str]) -> Tuple[nn.Module, Mapping]:
@@ -122,7 +144,12 @@ def _load_model(weights: Union[PathLike, Mapping], model: Optional[str]) -> Tupl
     if stored is not None and model is not None and model != stored and not same_architecture(model, stored):
         raise ValueError(f"{where} holds a {stored!r} model, but model {model!r} was asked for")
     name = model or stored or DEFAULT_MODEL
-    net = build_model(name)
+    try:
+        net = build_model(name)
+    except ValueError as err:
+        if model is not None:  # the caller's name: the message says which names exist
+            raise
+        raise ValueError(f"{where} names model {stored!r}: {_one_line(err)}") from None
     try:
         load_model_weights(net, checkpoint)
     except (RuntimeError, ValueError) as err:  # missing / unexpected / mis-shaped keys, unknown layout
@@ -184,6 +211,8 @@ class Detector:
         from dbnetpp.postprocess import DBPostProcessor
 
         recipe = None
+        if test_scale is not None:  # settings are checked before the weights are read
+            check_test_scale(test_scale)
         if isinstance(weights, nn.Module):
             net, checkpoint = copy.deepcopy(weights).eval(), {}
         else:
@@ -192,8 +221,7 @@ class Detector:
             recipe = inference_recipe(model or getattr(net, "name", DEFAULT_MODEL))
         if test_scale is None:
             test_scale = _stored_test_scale(checkpoint) or (recipe.test_scale if recipe else DEFAULT_TEST_SCALE)
-        if len(test_scale) != 2 or min(test_scale) <= 0:
-            raise ValueError(f"test_scale must be two positive sizes (long, short), got {test_scale}")
+        test_scale = check_test_scale(test_scale)
         self.model_name = getattr(net, "name", type(net).__name__)
         self.device = torch.device(device)
         net = net.to(self.device)

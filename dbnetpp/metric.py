@@ -36,10 +36,19 @@ DEFAULT_SCORE_THRS = tuple(np.arange(0.3, 0.9, 0.1).tolist())
 
 
 def to_shapely(polygon: Any, what: str = "polygon") -> Polygon:
-    """A shapely Polygon from (K, 2) or (2K,) coordinates, rounded to float32 like MMOCR."""
-    points = np.asarray(polygon, dtype=np.float32)
+    """A shapely Polygon from (K, 2) or (2K,) coordinates, rounded to float32 like MMOCR.
+
+    Raises ValueError naming ``what`` for fewer than 3 points or a coordinate that is not
+    finite (after the float32 rounding: 1e39 is inf)."""
+    try:
+        with np.errstate(over="ignore"):
+            points = np.asarray(polygon, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what}: not an array of numbers ({err})") from None
     if points.size % 2 != 0 or points.size < 6:
         raise ValueError(f"{what}: need at least 3 (x, y) points, got an array of shape {points.shape}")
+    if not np.isfinite(points).all():
+        raise ValueError(f"{what}: coordinates must be finite, got {points.reshape(-1).tolist()[:12]}")
     return Polygon(points.reshape(-1, 2))
 
 
@@ -253,7 +262,11 @@ class HmeanIoU:
         cared gt indices (G',), kept pred indices (P',), IoU (G', P'))."""
         # float32 like MMOCR's scores, then compared in float64 whatever numpy's promotion rules
         # (numpy 1.x would compare a float32 array with a float64 scalar in float32)
-        scores = np.asarray(_to_numpy(pred_scores), dtype=np.float32).reshape(-1).astype(np.float64)
+        with np.errstate(over="ignore"):
+            scores = np.asarray(_to_numpy(pred_scores), dtype=np.float32).reshape(-1).astype(np.float64)
+        bad = np.flatnonzero(~np.isfinite(scores))
+        if len(bad):
+            raise ValueError(f"HmeanIoU.update: pred_scores[{bad[0]}] is {scores[bad[0]]}: scores must be finite")
         ignore = np.asarray(_to_numpy(gt_ignore), dtype=bool).reshape(-1)
         if len(scores) != len(pred_polygons):
             raise ValueError(f"HmeanIoU.update: {len(pred_polygons)} predicted polygons but {len(scores)} scores")

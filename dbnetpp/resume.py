@@ -2,8 +2,9 @@
 
 ``--resume auto`` makes the same command line serve the first start and every restart:
 ``find_resume_checkpoint`` returns the newest complete training checkpoint of the work
-directory (writes are atomic, so every ``*.pth`` there is complete; unreadable ones are
-skipped with a warning), or None for a fresh start. ``resume_position`` turns a
+directory (writes are atomic, so every ``*.pth`` there is complete), or None for a fresh
+start. When the newest one cannot be read (disk damage, a foreign file) it refuses, naming
+it: the run would otherwise start over or from an older file and overwrite it. ``resume_position`` turns a
 checkpoint into (epoch, iteration within it, optimiser steps done), for end-of-epoch
 checkpoints, mid-epoch ones (preemption, ``iter_N.pth``) and those written before the
 step count was recorded.
@@ -29,28 +30,48 @@ def _candidates(work_dir: Path) -> List[Path]:
 
 
 def find_resume_checkpoint(work_dir: Union[str, Path]) -> Optional[Path]:
-    """The newest readable training checkpoint (last.pth, iter_N.pth, epoch_N.pth) or None."""
+    """The newest training checkpoint (last.pth, iter_N.pth, epoch_N.pth), or None when there is none.
+
+    Raises CheckpointError naming the newest one when it cannot be read or is not a training
+    checkpoint: it is left untouched (move it away to continue from the one before).
+    """
     work_dir = Path(work_dir)
     if not work_dir.is_dir():
         return None
     for path in _candidates(work_dir):
         try:
             check_training_checkpoint(read_checkpoint(path), path)
-        except (OSError, CheckpointError) as e:
-            warnings.warn(f"--resume auto skips {path}: {e}")
+        except FileNotFoundError:  # deleted since it was listed (rotation by another process)
             continue
+        except (OSError, CheckpointError) as e:
+            raise CheckpointError(
+                f"--resume auto: the newest checkpoint in {work_dir} cannot be resumed: {e}. It is left as it "
+                f"is; move it out of {work_dir} to resume from the one before, or give --resume PATH"
+            ) from None
         return path
     return None
 
 
-def check_training_checkpoint(ckpt: Mapping[str, Any], source: Union[str, Path]) -> None:
-    """Raise CheckpointError unless ``ckpt`` is a dbnetpp training checkpoint."""
+def check_training_checkpoint(
+    ckpt: Mapping[str, Any], source: Union[str, Path], model_name: Optional[str] = None
+) -> None:
+    """Raise CheckpointError unless ``ckpt`` is a dbnetpp training checkpoint (of the model
+    ``model_name``, when given: the message names the file and both models)."""
     missing = [k for k in TRAINING_KEYS if k not in ckpt]
     if missing:
         raise CheckpointError(
             f"{source} is not a dbnetpp training checkpoint (no {', '.join(missing)}); "
             "to start from its weights use --load-from"
         )
+    stored = ckpt["model_name"]
+    if model_name is not None and stored != model_name:
+        from .models.dbnet import same_architecture
+
+        if not same_architecture(model_name, stored):
+            raise CheckpointError(
+                f"{source} holds a {stored!r} model, but this run builds {model_name!r}: resume with "
+                f"--model {stored} (or the --preset it was trained with)"
+            )
 
 
 def resume_position(ckpt: Mapping[str, Any], iters_per_epoch: int, rank: int, world_size: int) -> Tuple[int, int, int]:

@@ -70,6 +70,7 @@ from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler, 
 from dbnetpp import distributed as dist_utils
 from dbnetpp.allocator import keep_freed_memory
 from dbnetpp.checkpoint import (
+    CheckpointError,
     get_rng_state,
     load_model_weights,
     read_checkpoint,
@@ -305,8 +306,15 @@ def resolve_resume(args: argparse.Namespace, info: dist_utils.DistInfo) -> Optio
     """The checkpoint to continue from: ``--resume`` as given, or for 'auto' rank 0's pick (or None)."""
     if args.resume != "auto":
         return args.resume
-    found = find_resume_checkpoint(args.work_dir) if info.is_main else None
-    found = dist_utils.broadcast_object(None if found is None else str(found))
+    found, refused = None, None
+    if info.is_main:
+        try:
+            found = find_resume_checkpoint(args.work_dir)
+        except CheckpointError as e:  # the newest checkpoint is unreadable: never start over it
+            refused = str(e)
+    found, refused = dist_utils.broadcast_object((None if found is None else str(found), refused))
+    if refused:
+        raise CheckpointError(refused)
     if info.is_main:
         print(f"resume auto: continuing from {found}" if found else f"resume auto: no checkpoint in {args.work_dir}, "
               "starting fresh")
@@ -348,7 +356,7 @@ def _run(args: argparse.Namespace, cfg: Config, info: dist_utils.DistInfo, start
     resume_from = resolve_resume(args, info)
     checkpoint = read_checkpoint(resume_from) if resume_from else None
     if checkpoint is not None:
-        check_training_checkpoint(checkpoint, resume_from)
+        check_training_checkpoint(checkpoint, resume_from, model_name=cfg.model.name)
 
     # LR: linear scaling by the total batch; every step's value comes from the schedule
     total_batch = cfg.train.batch_size * info.world_size

@@ -9,6 +9,21 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 ICDAR_ENV = "DBNETPP_ICDAR2015_ROOT"
 
+# Property-based tests (tests/test_properties.py): a small fixed example count, derandomized, by
+# default (the same cases on every run, within the suite's time budget); HYPOTHESIS_PROFILE=long
+# for a deep search that CI does not run.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # the floors environment has no hypothesis: those tests skip
+    pass
+else:
+    _quiet = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+    settings.register_profile("default", max_examples=30, derandomize=True, deadline=None,
+                              suppress_health_check=_quiet, print_blob=True)  # fmt: skip
+    settings.register_profile("long", max_examples=3000, deadline=None, suppress_health_check=_quiet,
+                              print_blob=True)  # fmt: skip
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
 
 @pytest.fixture(scope="session")
 def icdar_root() -> Path:

@@ -22,7 +22,7 @@ from helpers import load_train_script
 from torch.utils.data import DistributedSampler
 
 from dbnetpp import distributed as du
-from dbnetpp.checkpoint import read_checkpoint, rotate_checkpoints, save_checkpoint
+from dbnetpp.checkpoint import CheckpointError, read_checkpoint, rotate_checkpoints, save_checkpoint
 from dbnetpp.config import get_config
 from dbnetpp.meters import read_jsonl
 from dbnetpp.resume import find_resume_checkpoint, resume_position
@@ -115,13 +115,17 @@ def test_rotation_keeps_the_newest_and_find_resume_picks_the_newest_complete(tmp
     save_checkpoint({**state, "epoch": 1}, [empty / "last.pth", empty / "epoch_2.pth"])
     assert find_resume_checkpoint(empty).name == "last.pth"  # same write: last.pth wins the tie
     time.sleep(0.02)
-    (empty / "iter_9.pth").write_bytes(b"not a checkpoint")  # newest but unreadable: skipped
-    with pytest.warns(UserWarning, match="skips"):
-        assert find_resume_checkpoint(empty).name == "last.pth"
+    # the newest is unreadable: refused, naming it (a run from an older one would overwrite it)
+    (empty / "iter_9.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="iter_9.pth.*not a readable checkpoint"):
+        find_resume_checkpoint(empty)
+    assert (empty / "iter_9.pth").read_bytes() == b"not a checkpoint"
+    (empty / "iter_9.pth").unlink()  # moved away by the user: the one before is resumed
+    assert find_resume_checkpoint(empty).name == "last.pth"
     time.sleep(0.02)
-    torch.save({"state_dict": {}}, empty / "iter_10.pth")  # newest, readable, not ours: skipped
-    with pytest.warns(UserWarning, match="not a dbnetpp training checkpoint"):
-        assert find_resume_checkpoint(empty).name == "last.pth"
+    torch.save({"state_dict": {}}, empty / "iter_10.pth")  # newest, readable, not ours: refused too
+    with pytest.raises(CheckpointError, match="iter_10.pth.*not a dbnetpp training checkpoint"):
+        find_resume_checkpoint(empty)
 
 
 def test_resume_position():

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Tuple, Union
 
 import numpy as np
 
-from .base import IGNORE_TEXT, AnnotatedImages, read_image
+from .base import IGNORE_TEXT, AnnotatedImages, read_image, read_text
 from .textdet_json import load_textdet_json
 
 __all__ = ["ICDAR2015", "parse_gt_file", "read_image", "IGNORE_TEXT", "SPLITS"]
@@ -58,12 +58,11 @@ def parse_gt_file(path: PathLike) -> Dict[str, Any]:
         ``ignore`` (bool ndarray (n,), transcription == '###') and ``texts`` (list[str]).
 
     Raises:
-        ValueError: ``path:line: ...`` for a line with fewer than 8 fields or a
-            coordinate that is not a finite number.
+        ValueError: ``path:line: ...`` for a line with fewer than 8 fields, a
+            coordinate that is not a finite number, or bytes that are not UTF-8.
     """
     path = Path(path)
-    with open(path, "r", encoding="utf-8-sig") as f:  # universal newlines: CRLF -> LF
-        lines = f.read().split("\n")
+    lines = read_text(path).split("\n")  # CRLF -> LF; not UTF-8: ValueError naming the file
     polygons: List[np.ndarray] = []
     texts: List[str] = []
     for number, line in enumerate(lines, start=1):
@@ -131,8 +130,8 @@ class ICDAR2015(AnnotatedImages):
                 raise FileNotFoundError(f"{len(missing)} image(s) of the {split} split are missing, e.g. {missing[0]}")
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, "
-                f"layout={self.layout!r}, images={len(self)})")
+        name, root = type(self).__name__, str(self.root)
+        return f"{name}(root={root!r}, split={self.split!r}, layout={self.layout!r}, images={len(self)})"
 
 
 def _load_official(root: Path, split: str, require_images: bool) -> Tuple[List[Path], List[Dict[str, Any]]]:
@@ -142,7 +141,8 @@ def _load_official(root: Path, split: str, require_images: bool) -> Tuple[List[P
     if gt_dir is None:
         looked_for = " or ".join(f"{name}/" for name in gt_names)
         raise FileNotFoundError(
-            f"no ICDAR 2015 {split} annotations under {root}: looked for {json_name} or {looked_for}")
+            f"no ICDAR 2015 {split} annotations under {root}: looked for {json_name} or {looked_for}"
+        )
     if image_dir.is_dir():
         images = [p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
         images.sort(key=lambda p: natural_key(p.name))

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Tuple, Union
 
 import numpy as np
 
-from .base import IGNORE_TEXT, AnnotatedImages
+from .base import IGNORE_TEXT, AnnotatedImages, read_text
 
 __all__ = ["TextDetJSON", "load_textdet_json", "JSON_FILES"]
 
@@ -63,15 +63,16 @@ def load_textdet_json(path: PathLike, root: PathLike) -> Tuple[List[Path], List[
 
     Raises:
         ValueError: naming the file and the entry (``data_list[i].instances[j].polygon``) for
-            invalid JSON, a missing ``img_path`` / ``polygon``, or a polygon that is not an even
+            invalid JSON (or not UTF-8), a missing ``img_path`` / ``polygon``, or a polygon that is not an even
             number (>= 6) of finite coordinates.
     """
     path, root = Path(path), Path(root)
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: invalid JSON: nested too deeply") from None
     entries = data.get("data_list") if isinstance(data, dict) else None
     if not isinstance(entries, list):
         raise ValueError(f"{path}: expected a dict with a 'data_list' list (MMOCR TextDetPacker format)")
@@ -98,9 +99,15 @@ def load_textdet_json(path: PathLike, root: PathLike) -> Tuple[List[Path], List[
 
 def _json_polygon(values: Any, where: str) -> np.ndarray:
     try:
-        poly = np.asarray(values, dtype=np.float32).reshape(-1)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: not a list of numbers: {values!r}") from None
+        with np.errstate(over="ignore"):
+            poly = np.asarray(values, dtype=np.float32).reshape(-1)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{where}: not a list of numbers: {_short(values)}") from None
     if poly.size < 6 or poly.size % 2 != 0 or not np.isfinite(poly).all():
-        raise ValueError(f"{where}: expected an even number (>= 6) of finite coordinates, got {values!r}")
+        raise ValueError(f"{where}: expected an even number (>= 6) of finite coordinates, got {_short(values)}")
     return poly.reshape(-1, 2)
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

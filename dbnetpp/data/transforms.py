@@ -544,6 +544,7 @@ def resize_for_test(image: np.ndarray, scale: Tuple[int, int] = TEST_SCALE) -> T
     _check_image(image)
     height, width = image.shape[:2]
     new_h, new_w = keep_ratio_size(height, width, scale)
+    new_h, new_w = max(1, new_h), max(1, new_w)  # a 1 x 3000 strip keeps one pixel, not zero (cv2 fails)
     out = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     return out, (new_w / width, new_h / height)
 
