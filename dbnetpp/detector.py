@@ -156,6 +156,11 @@ class Detector:
             ``text_repr_type`` and ``epsilon_ratio`` default to the recipe's stored in a dbnetpp
             checkpoint's config (e.g. 0.01 for DBNet), else "quad" and 0.002.
         prepare: fold BN etc. with ``dbnetpp.inference.prepare_for_inference`` (DBNet models only).
+        precision: "fp32" (default), "bf16" (CPUs with native bf16 only) or "int8" (CPU, needs the
+            ``onnx`` extra); ``weights`` may also be an int8 file written by ``dbnetpp quantize``
+            (then precision must be "int8"). See ``dbnetpp.quantize``.
+        calibration: int8 only: images to calibrate on when ``weights`` is a float32 checkpoint (a
+            folder, a file or a list of files / BGR arrays); default built-in synthetic text.
     """
 
     def __init__(
@@ -173,12 +178,19 @@ class Detector:
         epsilon_ratio: Optional[float] = None,
         max_candidates: int = 3000,
         prepare: bool = True,
+        precision: str = "fp32",
+        calibration: Any = None,
     ) -> None:
+        from dbnetpp import quantize
         from dbnetpp.models.dbnet import DBNet
         from dbnetpp.postprocess import DBPostProcessor
 
+        int8_file = quantize.is_int8_file(weights)
+        quantize.check_precision_request(precision, calibration, weights, int8_file, device)
         if isinstance(weights, nn.Module):
             net, checkpoint = copy.deepcopy(weights).eval(), {}
+        elif int8_file:
+            net, checkpoint = quantize.load_int8(weights, model)
         else:
             net, checkpoint = _load_model(weights, model)
         if test_scale is None:
@@ -206,6 +218,9 @@ class Detector:
             epsilon_ratio=epsilon_ratio,
             max_candidates=max_candidates,
         )
+        self.precision = precision
+        if precision != "fp32" and not int8_file:
+            self.model = quantize.lower_precision(self, precision, calibration)
 
     @classmethod
     def from_pretrained(cls, name: str, *, progress: bool = True, **kwargs: Any) -> "Detector":
