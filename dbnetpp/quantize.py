@@ -30,6 +30,7 @@ torch >= 2.6 (the exporter) for int8; bf16 needs neither.
 """
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -208,7 +209,7 @@ def _export_fp32(net: nn.Module, path: str, sample_dcn: bool = True) -> None:
     from dbnetpp.models.dbnet import set_dcn_impl
 
     _check_torch_version()
-    net = copy.deepcopy(net).float().eval()
+    net = copy.deepcopy(net).float().cpu().eval()
     set_dcn_impl(net, "torchvision")
     if sample_dcn:
         _sampled_dcns(net)
@@ -340,8 +341,6 @@ def quantize_detector(
     net = detector.model
     if isinstance(net, (Int8Model, BF16Model)):
         raise ValueError("quantize a float32 detector (precision 'fp32'), not an int8 or bf16 one")
-    if next(iter(net.parameters()), torch.zeros(())).device.type != "cpu":
-        net = net.cpu()
     images = calibration_images(calibration, count)
     inputs = [batch_images([detector.preprocess(image)[0]]).numpy() for image in images]
     out = os.fspath(out)
@@ -352,21 +351,27 @@ def quantize_detector(
         _export_fp32(net, fp32, sample_dcn=sample_dcn)
         last = _last_conv(fp32)
         staged = os.path.join(tmp, "int8.onnx")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantize_static(
-                fp32,
-                staged,
-                _Reader(inputs, INPUT_NAME),
-                quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=["Conv", "ConvTranspose", "MatMul"],
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                nodes_to_exclude=[last] if last else None,
-                calibrate_method=CalibrationMethod.MinMax,
-                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
-            )
+        root_logger = logging.getLogger()  # onnxruntime.quantization logs advice through the root logger
+        level = root_logger.level
+        root_logger.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantize_static(
+                    fp32,
+                    staged,
+                    _Reader(inputs, INPUT_NAME),
+                    quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=["Conv", "ConvTranspose", "MatMul"],
+                    per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=[last] if last else None,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+                )
+        finally:
+            root_logger.setLevel(level)
         proto = onnx.load(staged)
         settings = dict(_settings_of(detector), calibration_images=len(images), sampled_dcn=bool(sample_dcn))
         meta = {FORMAT_KEY: FORMAT, SETTINGS_KEY: json.dumps(settings)}
