@@ -57,6 +57,16 @@ def trained(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    """A random-weight tiny checkpoint, for the error paths (no training needed)."""
+    torch.manual_seed(0)
+    net = build_model("dbnet_resnet18_tiny")
+    path = tmp_path_factory.mktemp("untrained") / "tiny.pth"
+    torch.save({"model": net.state_dict(), "model_name": net.name}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
 def images():
     """The training image (0) and three unseen ones."""
     data = synthetic_set(4)
@@ -174,6 +184,7 @@ def test_int8_default_synthetic_calibration_and_dcn_model(tmp_path):
 
 
 @needs_bf16
+@pytest.mark.slow
 def test_bf16_prob_map_close_to_fp32(trained, images):
     fp32, bf16 = Detector(trained), Detector(trained, precision="bf16")
     for a, b in zip(fp32.predict_maps(images[:2])[0], bf16.predict_maps(images[:2])[0]):
@@ -181,37 +192,37 @@ def test_bf16_prob_map_close_to_fp32(trained, images):
         assert float(np.abs(a - b).mean()) <= BF16_MEAN_BOUND and float(np.abs(a - b).max()) <= BF16_MAX_BOUND
 
 
-def test_bf16_refused_without_native_bf16(monkeypatch, trained):
+def test_bf16_refused_without_native_bf16(monkeypatch, untrained):
     monkeypatch.setattr(quantize, "has_native_bf16", lambda: False)
     with pytest.raises(ValueError, match="native bf16"):
-        Detector(trained, precision="bf16")
+        Detector(untrained, precision="bf16")
 
 
 # -------------------------------------------------------------------------------------------- errors
 
 
-def test_precision_errors(trained, tmp_path):
+def test_precision_errors(untrained, tmp_path):
     with pytest.raises(ValueError, match="unknown precision 'int4'"):
-        Detector(trained, precision="int4")
+        Detector(untrained, precision="int4")
     with pytest.raises(ValueError, match="calibration images are for precision 'int8'"):
-        Detector(trained, calibration=tmp_path)
+        Detector(untrained, calibration=tmp_path)
     with pytest.raises(ValueError, match="for the CPU"):
-        Detector(trained, precision="int8", device="cuda")
+        Detector(untrained, precision="int8", device="cuda")
     with pytest.raises(FileNotFoundError, match="calibration images not found"):
         quantize.calibration_images(tmp_path / "missing")
     with pytest.raises(ValueError, match="holds no image"):
         quantize.calibration_images(tmp_path)
 
 
-def test_int8_without_onnxruntime(monkeypatch, trained, capsys, tmp_path):
+def test_int8_without_onnxruntime(monkeypatch, untrained, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
     with pytest.raises(ImportError, match=r"pip install 'dbnetpp\[onnx\]'"):
-        Detector(trained, precision="int8")
+        Detector(untrained, precision="int8")
     image = tmp_path / "img.png"
     cv2.imwrite(str(image), synthetic_set(1)[0]["image"])
     for argv in (
-        ["detect", str(image), "--weights", str(trained), "--out", str(tmp_path / "out"), "--precision", "int8"],
-        ["quantize", "--weights", str(trained), "--out", str(tmp_path / "q.onnx")],
+        ["detect", str(image), "--weights", str(untrained), "--out", str(tmp_path / "out"), "--precision", "int8"],
+        ["quantize", "--weights", str(untrained), "--out", str(tmp_path / "q.onnx")],
     ):
         capsys.readouterr()
         assert main(argv) == 1
