@@ -5,7 +5,7 @@ Weights are random; each DCN's offset predictor gets random weights scaled to of
 a pixel, as in a trained model (a zero predictor would sample on the integer grid only).
 
     python benchmarks/forward.py [--model dbnetpp_resnet50_dcnv2] [--height 1024 --width 1824]
-                                 [--repeats 3] [--threads 2] [--impl auto]
+                                 [--repeats 3] [--threads 2] [--impl auto] [--precision int8 --precision bf16]
 
 Prints one JSON line per figure: the median over ``--repeats`` timed runs (after one warm-up)
 under ``torch.inference_mode``, for the plain eval model ("eager", timed first, with glibc's
@@ -14,15 +14,20 @@ the path ``dbnetpp.Detector`` uses; it also makes malloc keep freed memory, see
 ``dbnetpp.allocator``, unless ``--no-keep-memory``). With ``--breakdown`` it then prints where
 the prepared forward's time goes: one line per part (stem, layer1..4, the 13 DCNs inside them,
 neck and its ASF conv / attention, head), median ms over the same number of runs.
+
+``--precision int8`` / ``--precision bf16`` add the prepared model at that precision (``dbnetpp.quantize``,
+as ``Detector(..., precision=...)`` runs it) in the same run, after fp32; every line carries the CPU
+model and its ISA extensions (avx2, avx512_vnni, avx512_bf16, amx), which decide these figures.
 """
 
 import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -49,7 +54,52 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--no-keep-memory", action="store_true", help="prepare with keep_memory=False")
     parser.add_argument("--breakdown", action="store_true", help="time the parts of the prepared forward")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--precision",
+        action="append",
+        choices=("fp32", "bf16", "int8"),
+        default=None,
+        help="also time the prepared model at this precision, side by side with fp32 (repeatable); int8 is "
+        "calibrated on --calibration-images built-in synthetic images at the input size",
+    )
+    parser.add_argument("--calibration-images", type=int, default=2, help="int8 calibration images (default 2)")
     return parser
+
+
+def cpu_info() -> Dict[str, object]:
+    """CPU model name and the ISA extensions that matter for fp32 / int8 / bf16 speed."""
+    name, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name == "unknown":
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    known = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    isa = [f for f in known if f in flags]
+    return {"cpu": name, "isa": isa}
+
+
+def lower_precision_model(prepared: nn.Module, precision: str, x: torch.Tensor, count: int) -> nn.Module:
+    """``prepared`` at bf16 / int8 as ``dbnetpp.Detector`` runs it (int8 calibrated on synthetic text
+    resized to the input size)."""
+    from dbnetpp import quantize
+    from dbnetpp.detector import Detector
+
+    if precision == "bf16":
+        quantize.require_native_bf16()
+        return quantize.BF16Model(prepared)
+    height, width = x.shape[2:]
+    detector = Detector(prepared, test_scale=(max(height, width), min(height, width)), prepare=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        path = quantize.quantize_detector(detector, Path(tmp) / "int8.onnx", count=count)
+        seconds = round(time.perf_counter() - start, 1)
+        record = {"benchmark": "forward", "metric": "quantize_time", "value": seconds, "unit": "s", "images": count}
+        print(json.dumps(record), flush=True)
+        return quantize.Int8Model(path, threads=torch.get_num_threads())
 
 
 def randomize_offsets(model: nn.Module, height: int = 128, width: int = 128) -> None:
@@ -70,15 +120,20 @@ def randomize_offsets(model: nn.Module, height: int = 128, width: int = 128) -> 
             m.conv_offset.weight.div_(max(seen[0], 1e-12))
 
 
-def time_forward(fn: Callable[[], torch.Tensor], repeats: int, warmup: int) -> List[float]:
+def time_forward(
+    fn: Callable[[], torch.Tensor], repeats: int, warmup: int, cpu_times: Optional[List[float]] = None
+) -> List[float]:
+    """Wall times (s) of ``repeats`` calls after ``warmup``; the process CPU times go to ``cpu_times``."""
     with torch.inference_mode():
         for _ in range(warmup):
             fn()
         times = []
         for _ in range(repeats):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             fn()
             times.append(time.perf_counter() - start)
+            if cpu_times is not None:
+                cpu_times.append(time.process_time() - cpu_start)
     return times
 
 
@@ -146,10 +201,12 @@ def main(args: argparse.Namespace) -> None:
         "threads": args.threads,
         "dcn_impl": args.impl if num_dcn else None,
         "device": "cpu",
+        **cpu_info(),
     }
 
     def report(path: str, net: nn.Module) -> None:
-        times = time_forward(lambda: net(x), args.repeats, args.warmup)
+        cpu_times: List[float] = []
+        times = time_forward(lambda: net(x), args.repeats, args.warmup, cpu_times)
         record = {
             "benchmark": "forward",
             "metric": "latency_median",
@@ -160,6 +217,8 @@ def main(args: argparse.Namespace) -> None:
             "malloc_keeps_freed_memory": allocator.is_keeping_freed_memory(),
             **common,
             "runs_s": [round(t, 4) for t in times],
+            # process CPU time of all threads: less sensitive than wall time to other jobs on the machine
+            "cpu_s_median": round(statistics.median(cpu_times), 4),
         }
         print(json.dumps(record), flush=True)
 
@@ -168,6 +227,10 @@ def main(args: argparse.Namespace) -> None:
         return
     prepared = prepare_for_inference(model, keep_memory=not args.no_keep_memory)
     report("prepared", prepared)
+    for precision in args.precision or []:
+        if precision == "fp32":
+            continue
+        report(f"prepared_{precision}", lower_precision_model(prepared, precision, x, args.calibration_images))
     if args.breakdown:
         for label, values in time_parts(prepared, x, args.repeats).items():
             record = {

@@ -205,6 +205,10 @@ def _detector_from_args(args: argparse.Namespace) -> Any:
     from dbnetpp.detector import Detector
 
     options: Dict[str, Any] = dict(model=args.model, device=args.device, test_scale=args.test_scale)
+    if getattr(args, "precision", "fp32") != "fp32":  # dbnetpp.quantize: int8 / bf16 on the CPU
+        options.update(precision=args.precision, calibration=args.calibration)
+    elif getattr(args, "calibration", None) is not None:
+        raise ValueError("--calibration is for --precision int8")
     if getattr(args, "text_repr", None) is not None:
         options["text_repr_type"] = args.text_repr
     name = _published_name(args.weights)
@@ -474,6 +478,21 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from dbnetpp.quantize import quantize_detector, require_onnxruntime
+
+    require_onnxruntime()
+    detector = _detector_from_args(argparse.Namespace(**{**vars(args), "calibration": None}))  # float32
+    path = quantize_detector(detector, args.out, args.calibration)
+    size_mb = os.path.getsize(path) / 2**20
+    source = args.calibration or "built-in synthetic text"
+    print(
+        f"wrote {path} ({size_mb:.1f} MiB, int8 {detector.model_name}, test scale {detector.test_scale}, "
+        f"calibrated on {source}); use it with --weights {path} --precision int8"
+    )
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from dbnetpp.hub import cache_dir, format_table
 
@@ -513,6 +532,20 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="LONG,SHORT",
         help="keep-ratio test resize limits (default: the checkpoint's, else 4068,1024)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "int8"),
+        default="fp32",
+        help="CPU inference precision (default fp32); int8 needs the onnx extra, bf16 a CPU with native bf16; "
+        "--weights may be a file written by dbnetpp quantize (then int8)",
+    )
+    parser.add_argument(
+        "--calibration",
+        default=None,
+        metavar="DIR",
+        help="int8 from a float32 checkpoint: images to calibrate on (default built-in synthetic text); "
+        "dbnetpp quantize saves a calibrated model once",
     )
 
 
@@ -562,6 +595,24 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    "missed yellow, ### grey")
     _add_run_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("quantize", help="calibrate an int8 model for the CPU once; write it to an ONNX file")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, help="int8 ONNX file to write (used by --weights FILE --precision int8)")
+    p.add_argument(
+        "--calibration",
+        default=None,
+        metavar="DIR",
+        help="folder of images to calibrate on (a handful is enough; default built-in synthetic text)",
+    )
+    p.add_argument(
+        "--test-scale",
+        type=_test_scale,
+        default=None,
+        metavar="LONG,SHORT",
+        help="keep-ratio test resize limits recorded in the file (default: the checkpoint's, else 4068,1024)",
+    )
+    p.set_defaults(func=cmd_quantize, device="cpu")
 
     p = sub.add_parser("models", help="list the published models (name, H-mean, P, R, test scale, cached)")
     p.set_defaults(func=cmd_models)

@@ -188,6 +188,11 @@ class Detector:
             checkpoint's config, else the model name's recipe's (0.01 for DBNet, 0.002 for
             DBNet++), else "quad" and 0.002. Explicit arguments always win.
         prepare: fold BN etc. with ``dbnetpp.inference.prepare_for_inference`` (DBNet models only).
+        precision: "fp32" (default), "bf16" (CPUs with native bf16 only) or "int8" (CPU, needs the
+            ``onnx`` extra); ``weights`` may also be an int8 file written by ``dbnetpp quantize``
+            (then precision must be "int8"). See ``dbnetpp.quantize``.
+        calibration: int8 only: images to calibrate on when ``weights`` is a float32 checkpoint (a
+            folder, a file or a list of files / BGR arrays); default built-in synthetic text.
     """
 
     def __init__(
@@ -205,7 +210,10 @@ class Detector:
         epsilon_ratio: Optional[float] = None,
         max_candidates: int = 3000,
         prepare: bool = True,
+        precision: str = "fp32",
+        calibration: Any = None,
     ) -> None:
+        from dbnetpp import quantize
         from dbnetpp.config import inference_recipe
         from dbnetpp.models.dbnet import DBNet
         from dbnetpp.postprocess import DBPostProcessor
@@ -213,8 +221,13 @@ class Detector:
         recipe = None
         if test_scale is not None:  # settings are checked before the weights are read
             check_test_scale(test_scale)
+        int8_file = quantize.is_int8_file(weights)
+        quantize.check_precision_request(precision, calibration, weights, int8_file, device)
         if isinstance(weights, nn.Module):
             net, checkpoint = copy.deepcopy(weights).eval(), {}
+        elif int8_file:
+            net, checkpoint = quantize.load_int8(weights, model)
+            recipe = inference_recipe(model or getattr(net, "name", DEFAULT_MODEL))
         else:
             net, checkpoint = _load_model(weights, model)
             # a model name brings its recipe's test settings (MMOCR's inferencer does the same)
@@ -250,6 +263,9 @@ class Detector:
             epsilon_ratio=epsilon_ratio,
             max_candidates=max_candidates,
         )
+        self.precision = precision
+        if precision != "fp32" and not int8_file:
+            self.model = quantize.lower_precision(self, precision, calibration)
 
     @classmethod
     def from_pretrained(cls, name: str, *, progress: bool = True, **kwargs: Any) -> "Detector":

@@ -37,9 +37,9 @@ NEWER_APIS = {
     r"torch\.serialization\.safe_globals": ("torch", (2, 5), {"_load_with_stand_ins"}),
     r"torch\.serialization\.add_safe_globals": ("torch", (2, 4), set()),
     r"get_unsafe_globals_in_checkpoint": ("torch", (2, 5), {"_load_with_stand_ins"}),
-    r"dynamo\s*=\s*True": ("torch", (2, 5), {"export_onnx"}),  # torch.onnx.export's dynamo flag
-    r"\boptimize\s*=\s*True": ("torch", (2, 6), {"export_onnx"}),
-    r"torch\.export\.Dim": ("torch", (2, 2), {"export_onnx"}),
+    r"dynamo\s*=\s*True": ("torch", (2, 5), {"export_onnx", "_export_fp32"}),  # torch.onnx.export's dynamo flag
+    r"\boptimize\s*=\s*True": ("torch", (2, 6), {"export_onnx", "_export_fp32"}),
+    r"torch\.export\.Dim": ("torch", (2, 2), {"export_onnx", "_export_fp32"}),
     r"torch\.compiler\.": ("torch", (2, 3), set()),
     r"\"is_exporting\"": ("torch", (2, 6), {"_exporting"}),  # torch.compiler.is_exporting via getattr
     r"\.set_submodule\(": ("torch", (2, 3), set()),
