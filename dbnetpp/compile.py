@@ -5,7 +5,7 @@ and eval mode: the deformable convolution is one registered operator
 (``torch.ops.dbnetpp.modulated_deform_conv2d``), ``DBLoss`` has no data-dependent shape and no
 host sync, and the neck's in-place inference paths give way to their functional forms while
 dynamo traces (``is_compiling``). ``torch.compile`` needs torch >= 2.1; the deformable
-convolution compiles as one node from torch 2.4 (``torch.library.custom_op``).
+convolution compiles as one node from torch 2.4 (``custom_op`` of ``torch.library``).
 """
 
 from typing import Any

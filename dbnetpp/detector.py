@@ -156,6 +156,8 @@ class Detector:
             ``text_repr_type`` and ``epsilon_ratio`` default to the recipe's stored in a dbnetpp
             checkpoint's config (e.g. 0.01 for DBNet), else "quad" and 0.002.
         prepare: fold BN etc. with ``dbnetpp.inference.prepare_for_inference`` (DBNet models only).
+        compile: ``torch.compile`` the network whole (``dbnetpp.compile.compile_model``); the first
+            image of each new padded size pays the compile.
     """
 
     def __init__(
@@ -173,6 +175,7 @@ class Detector:
         epsilon_ratio: Optional[float] = None,
         max_candidates: int = 3000,
         prepare: bool = True,
+        compile: bool = False,
     ) -> None:
         from dbnetpp.models.dbnet import DBNet
         from dbnetpp.postprocess import DBPostProcessor
@@ -191,6 +194,10 @@ class Detector:
         if prepare and isinstance(net, DBNet):
             net = _prepare(net)  # on its device: the memory layout it picks depends on it
         self.model = net.eval()
+        if compile:
+            from dbnetpp.compile import compile_model
+
+            self.model = compile_model(self.model)
         self.test_scale = (int(test_scale[0]), int(test_scale[1]))
         if text_repr_type is None:  # the training recipe's, else MMOCR's DBNet++ test settings
             text_repr_type = _stored(checkpoint, "model", "text_repr_type") or "quad"

@@ -32,7 +32,7 @@ Two implementations:
 ``"auto"`` is ``"fast"`` on the CPU and ``"torchvision"`` elsewhere (not measured on GPUs).
 
 Both sit beneath one PyTorch operator, ``torch.ops.dbnetpp.modulated_deform_conv2d`` (torch >=
-2.4, ``torch.library.custom_op``), with a fake (shape-only) implementation and a registered
+2.4, ``custom_op`` of ``torch.library``), with a fake (shape-only) implementation and a registered
 autograd formula whose backward is again one operator,
 ``torch.ops.dbnetpp.modulated_deform_conv2d_backward``. ``torch.compile`` and ``torch.export``
 see each DCN layer as one node (forward) and one node (backward), FakeTensor / meta tracing
@@ -333,7 +333,7 @@ def _input_grads(ctx: Any, grad_out: torch.Tensor, backward: Callable[..., List[
 
 
 class _DeformConvFunction(torch.autograd.Function):
-    """The operator as an autograd.Function (torch < 2.4, no ``torch.library.custom_op``)."""
+    """The operator as an autograd.Function (torch < 2.4: no ``custom_op`` in ``torch.library``)."""
 
     @staticmethod
     def forward(ctx, x, offset, mask, weight, bias, stride, padding, dilation, impl):  # type: ignore[override]
