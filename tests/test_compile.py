@@ -195,11 +195,14 @@ def run(model, mode, backend):
     return values, grads
 
 
-def assert_close_to_eager(got, want, tolerance, what):
+def assert_close_to_eager(got, want, tolerance, what, floor=0.0):
+    """max |got - want| <= tolerance x max |want| per tensor; ``floor``: the scale is at least
+    ``floor`` x the largest value over all tensors (for tensors whose exact value is 0)."""
     assert set(got) == set(want), what
+    overall = max(w.float().abs().max().item() for w in want.values())
     for key, w in want.items():
         err = (got[key].float() - w.float()).abs().max().item()
-        scale = max(w.float().abs().max().item(), 1e-12)
+        scale = max(w.float().abs().max().item(), floor * overall, 1e-12)
         assert err <= tolerance * scale, f"{what} {key}: max error {err:.3g} vs max |value| {scale:.3g}"
 
 
@@ -210,7 +213,10 @@ def check_against_eager(name, impl, mode, backend):
     assert_close_to_eager(got, want, 1e-4, f"{name} {impl} {mode} {backend} output")
     if mode == "train":
         assert len(want_grads) == sum(p.requires_grad for p in model.parameters())
-        assert_close_to_eager(got_grads, want_grads, 1e-3, f"{name} {impl} {mode} {backend} grad")
+        # a bias right before a train-mode BatchNorm (the head's transposed convs) has an exact
+        # gradient of 0: rounding noise of ~1e-9 either way, so scales get a floor of 1e-4 x the
+        # largest gradient of the model
+        assert_close_to_eager(got_grads, want_grads, 1e-3, f"{name} {impl} {mode} {backend} grad", floor=1e-4)
 
 
 def has_dcn(name):

@@ -41,7 +41,8 @@ and backward run through an ``autograd.Function``.
 """
 
 import contextlib
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+import inspect
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -353,8 +354,15 @@ def _register_ops() -> Optional[Callable[..., torch.Tensor]]:
     custom_op = getattr(torch.library, "custom_op", None)
     if custom_op is None:
         return None
+    # The kernels pick their output layouts from their inputs' (channels_last in, channels_last
+    # out), as the fake implementations do from the traced inputs: inductor must hand them inputs
+    # with exactly the traced strides, not a layout of its own choosing.
+    options: Dict[str, Any] = {"mutates_args": ()}
+    tag = getattr(torch.Tag, "needs_exact_strides", None) or getattr(torch.Tag, "needs_fixed_stride_order", None)
+    if tag is not None and "tags" in inspect.signature(custom_op).parameters:
+        options["tags"] = (tag,)
 
-    @custom_op("dbnetpp::modulated_deform_conv2d", mutates_args=())
+    @custom_op("dbnetpp::modulated_deform_conv2d", **options)
     def forward_op(
         x: torch.Tensor,
         offset: torch.Tensor,
@@ -373,7 +381,7 @@ def _register_ops() -> Optional[Callable[..., torch.Tensor]]:
         shape = _output_shape(x, offset, weight)
         return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
 
-    @custom_op("dbnetpp::modulated_deform_conv2d_backward", mutates_args=())
+    @custom_op("dbnetpp::modulated_deform_conv2d_backward", **options)
     def backward_op(
         grad_out: torch.Tensor,
         x: torch.Tensor,
