@@ -392,6 +392,8 @@ def _run(args: argparse.Namespace, cfg: Config, info: dist_utils.DistInfo, start
     if cfg.model.sync_bn and info.world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model_without_ddp = model
+    if args.compile:  # the module inside DDP is compiled (DDP's own forward is not traceable whole)
+        model = compile_model(model, backend=args.compile)
     if info.world_size > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -399,7 +401,6 @@ def _run(args: argparse.Namespace, cfg: Config, info: dist_utils.DistInfo, start
     scaler = make_grad_scaler(device, enabled=cfg.train.amp == "fp16")
     criterion = DBLoss()
     if args.compile:  # compiled once; checkpoints keep saving model_without_ddp (no "_orig_mod." keys)
-        model = compile_model(model, backend=args.compile)
         criterion = compile_model(criterion, backend=args.compile)
     postprocessor = DBPostProcessor(text_repr_type=cfg.model.text_repr_type, epsilon_ratio=cfg.model.epsilon_ratio)
 

@@ -436,3 +436,26 @@ def test_detector_compile(monkeypatch):
     (want,), _ = eager.predict_maps([image])
     (got,), _ = compiled.predict_maps([image])
     assert np.abs(got - want).max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_train_script_compile_under_ddp(tmp_path):
+    """``torchrun --nproc_per_node 2 examples/train.py --compile``: the module inside DDP is
+    compiled, one epoch runs on both ranks and the checkpoint has the model's own keys."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    work = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(root / "examples" / "train.py"), *TINY_RUN, "--batch-size", "2", "--epochs", "1",
+        "--compile", "aot_eager", "--work-dir", str(work),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    checkpoint = checkpoint_of(work)
+    assert checkpoint["config"]["run"]["world_size"] == 2
+    assert set(checkpoint["model"]) == set(dbnetpp.build_model(TINY_DCN).state_dict())
