@@ -21,7 +21,7 @@ Two implementations:
   ``embedding_bag`` of its 4 bilinear corners with the mask folded into the corner weights,
   which writes the im2col rows (P, kh*kw*C) directly, and one matmul with the weight follows.
   Both run over chunks of output pixels so the im2col buffer stays in cache. The backward
-  (``_FastDeformConv``) recomputes the chunks instead of keeping them (training memory about
+  (``_fast_backward``) recomputes the chunks instead of keeping them (training memory about
   that of a plain convolution); offset and mask gradients are dot products of the column
   gradient with weighted corner sums (again ``embedding_bag``), the input gradient is the
   transposed gather (corner entries sorted by input pixel, one weighted ``embedding_bag`` per
