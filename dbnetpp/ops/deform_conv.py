@@ -28,6 +28,8 @@ Two implementations:
   pixel). Single-threaded on the 2-core AVX2 CPU, the 13 DBNet++ DCN layers take about 3x
   less time than torchvision's kernel in inference at 1x3x1024x1824 and 5x less in forward +
   backward at 2x3x640x640 (``benchmarks/dcn.py``); channels_last input saves two transposes.
+  The input-gradient sort has a data-dependent size (``unique_consecutive``): inside the operator
+  that is invisible to compilers, but on a GPU it is one host sync per layer (use "torchvision").
 
 ``"auto"`` is ``"fast"`` on the CPU and ``"torchvision"`` elsewhere (not measured on GPUs).
 
