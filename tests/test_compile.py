@@ -446,8 +446,8 @@ def test_train_script_compiled_resume_equals_straight_run(train_module, tmp_path
             assert (value - b["model"][key]).abs().max().item() <= 1e-6, key
         else:
             assert torch.equal(value, b["model"][key]), key
-    for key, value in a["optimizer"]["state"].items():
-        moved = max(moved, value["momentum_buffer"].abs().max().item()) if "momentum_buffer" in value else moved
+    for state in a["optimizer"]["state"].values():  # Adam's moments (the tiny preset's optimiser)
+        moved = max([moved] + [v.abs().max().item() for k, v in state.items() if k != "step"])
     assert moved > 0  # the optimizer did step
 
 
