@@ -33,12 +33,18 @@ failures carry ``error``. The checks, in order:
   targets, batch 16, halved on out-of-memory) in fp32 (PyTorch's TF32 defaults) and bf16.
 - ``speed_infer``: the forward of the prepared R50-DCNv2 model (``prepare_for_inference``) on
   1x3x1024x1824, fp32 and bf16 autocast: median milliseconds.
+- ``sync_free``: one eager and one compiled (``torch.compile(fullgraph=True)``) training step of
+  DBNet++ R50-DCNv2 (forward, DBLoss, backward, SGD step; bf16 autocast, batch 2 at 640x640) under
+  ``torch.cuda.set_sync_debug_mode("error")``: any host-device sync raises (CUDA only).
+- ``compile_train``: training images/s of the compiled R50-DCNv2 step (bf16, batch 16 at 640x640,
+  ``fullgraph=True``) against eager, with the compile seconds.
 - ``compile``: ``torch.compile`` of the tiny model's eval forward (if torch has it): compile seconds,
   the output against eager (1e-3 absolute), the speed-up.
 - ``summary``: ``ok`` false when any check failed (``failed`` names them).
 
 ``--device cpu --quick`` runs the same code on the CPU with tiny sizes (the test suite does, to keep
-this script runnable without a GPU).
+this script runnable without a GPU); its "compiled" steps use dynamo's ``backend="eager"``
+(whole-graph capture without inductor's minutes of C++ builds on a small CPU).
 """
 
 import argparse
@@ -72,6 +78,8 @@ CHECKS = {
     "train_script": 120,
     "speed_train": 150,
     "speed_infer": 90,
+    "sync_free": 150,
+    "compile_train": 300,
     "compile": 120,  # last: compiling may take long, and the budget cuts it short
 }
 
@@ -490,6 +498,90 @@ def check_speed_train(device: Any, quick: bool) -> Iterable[Dict[str, Any]]:
         model = optimizer = x = targets = None  # free the memory before retrying
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _training_step(name: str, device: Any, batch: int, size: int, amp: Optional[str], backend: Optional[str]):
+    """(step, model): one SGD training step of ``name`` on random images and DB targets; the
+    model and the loss compiled whole with ``backend`` (None: eager)."""
+    import torch
+
+    from dbnetpp.engine import autocast_context
+    from dbnetpp.loss import DBLoss
+    from dbnetpp.models.dbnet import build_model
+
+    torch.manual_seed(0)
+    model = build_model(name).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.007, momentum=0.9, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    targets = {
+        "shrink_map": (torch.rand(batch, size, size, generator=gen) > 0.8).float().to(device),
+        "shrink_mask": torch.ones(batch, size, size, device=device),
+        "thr_map": (0.3 + 0.4 * torch.rand(batch, size, size, generator=gen)).to(device),
+        "thr_mask": (torch.rand(batch, size, size, generator=gen) > 0.5).float().to(device),
+    }
+    net, criterion = model, DBLoss()
+    if backend is not None:
+        net = torch.compile(model, fullgraph=True, backend=backend)
+        criterion = torch.compile(criterion, fullgraph=True, backend=backend)
+
+    def step():
+        with autocast_context(device, amp):
+            loss = criterion(net(x), targets)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step, model
+
+
+def check_sync_free(device: Any, quick: bool) -> Iterable[Dict[str, Any]]:
+    import torch
+
+    name = "dbnetpp_resnet18_dcnv2_tiny" if quick else "dbnetpp_resnet50_dcnv2"
+    size, batch = (64, 2) if quick else (640, 2)
+    backend = "eager" if quick else "inductor"
+    for mode in ("eager", "compiled"):
+        step, model = _training_step(name, device, batch, size, "bf16", None if mode == "eager" else backend)
+        step()  # warm-up (and compile) outside the checked step: cuDNN / compiler setup may sync
+        sync(device)
+        if device.type != "cuda":
+            step()
+            yield {"model": name, "mode": mode, "ok": None, "skipped": "sync debug mode needs CUDA (step ran)"}
+            continue
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        sync(device)
+        yield {"model": name, "mode": mode, "input": [batch, 3, size, size], "precision": "bf16", "ok": True}
+
+
+def check_compile_train(device: Any, quick: bool) -> Iterable[Dict[str, Any]]:
+    import torch
+
+    name = "dbnetpp_resnet18_dcnv2_tiny" if quick else "dbnetpp_resnet50_dcnv2"
+    size, batch = (64, 2) if quick else (640, 16)
+    backend = "eager" if quick else "inductor"
+    torch.backends.cudnn.benchmark = True
+    rec: Dict[str, Any] = {"model": name, "precision": "bf16", "input": [batch, 3, size, size], "backend": backend}
+    for mode in ("eager", "compiled"):
+        step, model = _training_step(name, device, batch, size, "bf16", None if mode == "eager" else backend)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        first_s = time.perf_counter() - start
+        times = timed(step, device, warmup=2, max_runs=15, max_s=15.0)
+        rec[f"{mode}_images_per_s"] = batch / statistics.median(times)
+        rec[f"{mode}_first_step_s"] = first_s
+        del step, model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    rec["speedup"] = rec["compiled_images_per_s"] / rec["eager_images_per_s"]
+    rec["ok"] = None
+    yield rec
 
 
 def check_speed_infer(device: Any, quick: bool) -> Iterable[Dict[str, Any]]:

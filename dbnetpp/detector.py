@@ -193,6 +193,8 @@ class Detector:
             (then precision must be "int8"). See ``dbnetpp.quantize``.
         calibration: int8 only: images to calibrate on when ``weights`` is a float32 checkpoint (a
             folder, a file or a list of files / BGR arrays); default built-in synthetic text.
+        compile: ``torch.compile`` the network whole (``dbnetpp.compile.compile_model``); the first
+            image of each new padded size pays the compile.
     """
 
     def __init__(
@@ -212,6 +214,7 @@ class Detector:
         prepare: bool = True,
         precision: str = "fp32",
         calibration: Any = None,
+        compile: bool = False,
     ) -> None:
         from dbnetpp import quantize
         from dbnetpp.config import inference_recipe
@@ -221,6 +224,8 @@ class Detector:
         recipe = None
         if test_scale is not None:  # settings are checked before the weights are read
             check_test_scale(test_scale)
+        if compile and (precision != "fp32" or quantize.is_int8_file(weights)):
+            raise ValueError(f"compile=True runs the float32 network; it does not combine with precision={precision!r}")
         int8_file = quantize.is_int8_file(weights)
         quantize.check_precision_request(precision, calibration, weights, int8_file, device)
         if isinstance(weights, nn.Module):
@@ -241,6 +246,10 @@ class Detector:
         if prepare and isinstance(net, DBNet):
             net = _prepare(net)  # on its device: the memory layout it picks depends on it
         self.model = net.eval()
+        if compile:
+            from dbnetpp.compile import compile_model
+
+            self.model = compile_model(self.model)
         self.test_scale = (int(test_scale[0]), int(test_scale[1]))
         # explicit arguments, else the training run's (a dbnetpp checkpoint's config), else the
         # model name's recipe, else MMOCR's DBNet++ test settings

@@ -6,8 +6,10 @@ multiples of 32, and one output ``prob_map`` float32 (N, H, W) in (0, 1). N, H a
 dynamic (H and W stay multiples of 32). Resizing and post-processing are not part of the graph.
 
 Deformable convolutions (DBNet++ R50-DCNv2) are exported through
-``torchvision.ops.deform_conv2d``, which torch's dynamo exporter turns into the standard
-ONNX ``DeformConv`` operator (opset >= 19); onnxruntime runs it on the CPU. A runtime
+``torchvision.ops.deform_conv2d`` (``dbnetpp.ops.deform_conv.torchvision_graph``: torchvision's
+operator instead of dbnetpp's own ``dbnetpp::modulated_deform_conv2d``), which torch's dynamo
+exporter turns into the standard ONNX ``DeformConv`` operator (opset >= 19); onnxruntime runs it
+on the CPU. A runtime
 without ``DeformConv`` needs the DCN-free variant, ``dbnetpp_resnet50``.
 """
 
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dbnetpp.ops.deform_conv import torchvision_graph
 from dbnetpp.preprocess import MEAN_RGB, SIZE_DIVISOR, STD_RGB
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME", "MIN_DCN_OPSET", "check_onnx", "count_ops", "export_onnx"]
@@ -84,7 +87,7 @@ def export_onnx(
         # H and W as 32 * k keep the network's multiple-of-32 input check provable for the tracer
         dynamic_shapes = {"x": {0: dim("batch"), 2: SIZE_DIVISOR * dim("h32"), 3: SIZE_DIVISOR * dim("w32")}}
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torchvision_graph():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 net,

@@ -39,22 +39,48 @@ def balanced_bce_with_logits_loss(
     Returns:
         scalar tensor ``(sum of positive losses + sum of the top-k negative
         losses) / (positives + k + eps)``; 0 when there is no positive pixel.
+
+    The counts stay on the device (no host sync, no data-dependent shape: ``torch.compile``
+    traces it whole); the top-k sum is ``top_k_sum``.
     """
     positive = gt * mask
     negative = (1 - gt) * mask
-    # One device sync for both counts; int() truncates like MMOCR.
-    pos_sum, neg_sum = torch.stack([positive.sum(), negative.sum()]).tolist()
-    num_pos = int(pos_sum)
-    if num_pos == 0:
-        num_neg = 0  # MMOCR's fallback_negative_num
-    else:
-        num_neg = min(int(neg_sum), int(num_pos * negative_ratio))
+    num_pos = positive.sum().floor()  # floor = int() of MMOCR for these non-negative counts
+    num_neg = negative.sum().floor()
+    # MMOCR: min(negatives, int(positives * ratio)), and no negative at all without a positive
+    k = torch.where(num_pos > 0, torch.minimum(num_neg, (num_pos * negative_ratio).floor()), 0.0)
 
     loss = F.binary_cross_entropy_with_logits(logits, gt, reduction="none")
     positive_loss = loss * positive
     negative_loss = loss * negative
-    negative_loss, _ = torch.topk(negative_loss.reshape(-1), num_neg)
-    return (positive_loss.sum() + negative_loss.sum()) / (num_pos + num_neg + eps)
+    return (positive_loss.sum() + top_k_sum(negative_loss.reshape(-1), k)) / (num_pos + k + eps)
+
+
+def top_k_sum(values: Tensor, k: Tensor) -> Tensor:
+    """Sum of the ``k`` largest of the non-negative 1-D ``values`` (``k``: a 0-d tensor, integral).
+
+    ``torch.topk(values, k).values.sum()`` without reading ``k`` on the host: the k-th largest
+    value t is found exactly by bisection on the float bit patterns (31 counting passes; for
+    non-negative floats the int32 patterns sort as the values do), then the sum is that of the
+    values above t plus t for each of the ``k - count(values > t)`` places left to values equal
+    to t. The gradient is 1 for each value above t and is shared equally among the values equal
+    to t (topk gives it to some of them). NaN counts as the largest value, as in topk.
+    """
+    bits = values.detach().float().view(torch.int32).clamp(min=0)  # -0.0 -> 0
+    k = k.to(torch.int64)
+    low = torch.zeros((), dtype=torch.int64, device=values.device)  # count(bits >= low) >= k always
+    high = torch.full((), 2**31 - 1, dtype=torch.int64, device=values.device)
+    for _ in range(31):  # invariant: count(bits >= low) >= k > count(bits >= high) or high = max
+        mid = low + (high - low + 1) // 2
+        enough = (bits >= mid).sum() >= k
+        low = torch.where(enough, mid, low)
+        high = torch.where(enough, high, mid - 1)
+    above = bits > low
+    tied = bits == low
+    left = (k - above.sum()).to(values.dtype)
+    share = left / tied.sum().clamp(min=1).to(values.dtype)
+    picked = torch.where(tied & (k > 0), values * share, torch.zeros_like(values))
+    return torch.where(above, values, picked).sum()
 
 
 def masked_l1_loss(pred: Tensor, gt: Tensor, mask: Tensor, eps: float = 1e-6) -> Tensor:

@@ -79,6 +79,7 @@ from dbnetpp.checkpoint import (
     set_rng_state,
 )
 from dbnetpp.cli import error_line
+from dbnetpp.compile import compile_model
 from dbnetpp.config import AMP_DTYPES, OPTIMIZERS, PRESETS, Config, get_config
 from dbnetpp.data import SyntheticText, TestDataset, TrainDataset, collate_test, collate_train, open_dataset
 from dbnetpp.ema import WeightEMA
@@ -161,6 +162,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="seconds a collective (or a training step) may wait for the other ranks")
     p.add_argument("--test-only", action="store_true", help="evaluate and exit")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the training model and the loss, each as one graph (default backend: inductor)")
     return p
 
 
@@ -413,6 +416,8 @@ def _run(args: argparse.Namespace, cfg: Config, info: dist_utils.DistInfo, start
     if cfg.model.sync_bn and info.world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model_without_ddp = model
+    if args.compile:  # the module inside DDP is compiled (DDP's own forward is not traceable whole)
+        model = compile_model(model, backend=args.compile)
     if info.world_size > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -423,6 +428,8 @@ def _run(args: argparse.Namespace, cfg: Config, info: dist_utils.DistInfo, start
     optimizer = build_optimizer(model_without_ddp, cfg.train.optimizer, lr, cfg.train.momentum, cfg.train.weight_decay)
     scaler = make_grad_scaler(device, enabled=cfg.train.amp == "fp16")
     criterion = DBLoss()
+    if args.compile:  # compiled once; checkpoints keep saving model_without_ddp (no "_orig_mod." keys)
+        criterion = compile_model(criterion, backend=args.compile)
     postprocessor = DBPostProcessor(text_repr_type=cfg.model.text_repr_type, epsilon_ratio=cfg.model.epsilon_ratio)
 
     start_epoch, start_iter, global_step, best_hmean = 0, 0, 0, -1.0

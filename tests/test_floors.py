@@ -41,7 +41,8 @@ NEWER_APIS = {
     r"\boptimize\s*=\s*True": ("torch", (2, 6), {"export_onnx", "_export_fp32"}),
     r"torch\.export\.Dim": ("torch", (2, 2), {"export_onnx", "_export_fp32"}),
     r"torch\.compiler\.": ("torch", (2, 3), set()),
-    r"\"is_exporting\"": ("torch", (2, 6), {"_exporting"}),  # torch.compiler.is_exporting via getattr
+    r"compiler, \"is_compiling\"": ("torch", (2, 3), {"is_compiling"}),  # torch.compiler.is_compiling via getattr
+    r"\"custom_op\"": ("torch", (2, 4), {"_register_ops"}),  # torch.library.custom_op via getattr
     r"\.set_submodule\(": ("torch", (2, 3), set()),
     r"torch\.library\.custom_op": ("torch", (2, 4), set()),
     r"torch\.amp\.custom_(fwd|bwd)": ("torch", (2, 4), set()),

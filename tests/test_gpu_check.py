@@ -50,3 +50,22 @@ def test_checks_run_on_the_cpu(tmp_path):
     summary = records[-1]
     assert summary["check"] == "summary" and summary["ok"] is True and summary["checks"] == len(checks)
 
+
+
+@pytest.mark.slow
+def test_compile_checks_run_on_the_cpu(tmp_path):
+    """The sync-free and compiled-training checks' code on the CPU (--quick: tiny model, dynamo's
+    backend "eager", fullgraph, instead of inductor): an eager and a compiled step each run, and the
+    speed line has both rates."""
+    pytest.importorskip("torch.library", reason="torch.library")
+    import torch
+
+    if not hasattr(torch.library, "custom_op"):
+        pytest.skip("whole-graph compile of the DCN needs torch >= 2.4")
+    proc = run("--device", "cpu", "--quick", "--checks", "sync_free", "compile_train")
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert not [r for r in records if r["ok"] is False], records
+    assert [r["mode"] for r in records if r["check"] == "sync_free"] == ["eager", "compiled"]
+    speed = next(r for r in records if r["check"] == "compile_train")
+    assert speed["eager_images_per_s"] > 0 and speed["compiled_images_per_s"] > 0 and speed["backend"] == "eager"

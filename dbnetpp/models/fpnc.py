@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dbnetpp.compile import is_compiling
 from dbnetpp.ops.deform_conv import _is_channels_last
 
 __all__ = ["ConvModule", "ScaleChannelSpatialAttention", "FPNC", "UpsampledConcatConv", "upsample_factor"]
@@ -44,9 +45,10 @@ def _pixels(x: torch.Tensor) -> torch.Tensor:
 
 def _add_upsampled(x: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
     """x + nearest-upsampled ``coarse`` (to x's size). Without autograd and with an exact
-    power-of-two factor, added in place through broadcast views (no upsampled copy)."""
+    power-of-two factor, added in place through broadcast views (no upsampled copy; not while
+    compiling: the compiler fuses the functional form)."""
     s = upsample_factor(coarse, x)
-    if s is None or torch.is_grad_enabled():
+    if s is None or torch.is_grad_enabled() or is_compiling():
         return x + F.interpolate(coarse, size=x.shape[2:], mode="nearest")
     _blocks(x, s).add_(_pixels(coarse))
     return x
@@ -57,11 +59,12 @@ def _concat_upsampled(levels: Sequence[torch.Tensor], weights: Optional[torch.Te
 
     levels: (N, C_i, H_i, W_i), levels[0] the finest; weights: None or (N, len(levels), H_0, W_0).
     Without autograd and with exact power-of-two factors, every level is written straight into
-    its channel slice of the output through broadcast views (no upsampled copies, no cat).
+    its channel slice of the output through broadcast views (no upsampled copies, no cat; not
+    while compiling: the compiler fuses the functional form).
     """
     size = levels[0].shape[2:]
     factors = [upsample_factor(level, levels[0]) for level in levels]
-    if torch.is_grad_enabled() or None in factors:
+    if torch.is_grad_enabled() or None in factors or is_compiling():
         ups = [levels[0]] + [F.interpolate(level, size=size, mode="nearest") for level in levels[1:]]
         if weights is not None:
             ups = [weights[:, i : i + 1] * up for i, up in enumerate(ups)]

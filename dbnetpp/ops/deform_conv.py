@@ -10,37 +10,48 @@ offset gradient of a point that reads 0 is 0 (also at exactly -1).
 
 Two implementations:
 
-- ``"torchvision"``: ``torchvision.ops.deform_conv2d`` (also what ONNX export understands). Its
-  offset gradient differs from mmcv's at sample coordinates of exactly -1 (mmcv: 0, as for
-  every point that reads 0; torchvision: the one-sided derivative). Zero-initialised offsets
-  put every border tap of a padding-1 conv there, so when the offset needs a gradient a
-  device-agnostic correction node (``_BorderOffsetGrad``) adds the difference in the backward
-  pass, visiting only those taps (about 1 % of the layer's CPU forward + backward time at
-  2x128x80x80; on a GPU two host syncs and ~20 small kernels per layer and backward).
+- ``"torchvision"``: ``torchvision.ops.deform_conv2d``'s kernels (forward and backward). Its
+  backward differs from mmcv's at sample coordinates of exactly -1 (mmcv: offset gradient 0, as
+  for every point that reads 0; torchvision: the one-sided derivative). Zero-initialised offsets
+  put every border tap of a padding-1 conv there, so the backward hands torchvision's kernel
+  the offsets with those coordinates moved to -2, where its rule gives mmcv's 0 and every other
+  gradient is unchanged: one elementwise pass, no data-dependent shapes, no host sync.
 - ``"fast"``: plain PyTorch ops. The input is viewed as a (N*H*W*dg, C/dg) table of channel
   vectors (free for channels_last input); every (output pixel, tap, group) is one
   ``embedding_bag`` of its 4 bilinear corners with the mask folded into the corner weights,
   which writes the im2col rows (P, kh*kw*C) directly, and one matmul with the weight follows.
   Both run over chunks of output pixels so the im2col buffer stays in cache. The backward
-  (``_FastDeformConv``) recomputes the chunks instead of keeping them (training memory about
+  (``_fast_backward``) recomputes the chunks instead of keeping them (training memory about
   that of a plain convolution); offset and mask gradients are dot products of the column
   gradient with weighted corner sums (again ``embedding_bag``), the input gradient is the
   transposed gather (corner entries sorted by input pixel, one weighted ``embedding_bag`` per
   pixel). Single-threaded on the 2-core AVX2 CPU, the 13 DBNet++ DCN layers take about 3x
   less time than torchvision's kernel in inference at 1x3x1024x1824 and 5x less in forward +
   backward at 2x3x640x640 (``benchmarks/dcn.py``); channels_last input saves two transposes.
+  The input-gradient sort has a data-dependent size (``unique_consecutive``): inside the operator
+  that is invisible to compilers, but on a GPU it is one host sync per layer (use "torchvision").
 
 ``"auto"`` is ``"fast"`` on the CPU and ``"torchvision"`` elsewhere (not measured on GPUs).
+
+Both sit beneath one PyTorch operator, ``torch.ops.dbnetpp.modulated_deform_conv2d`` (torch >=
+2.4, ``custom_op`` of ``torch.library``), with a fake (shape-only) implementation and a registered
+autograd formula whose backward is again one operator,
+``torch.ops.dbnetpp.modulated_deform_conv2d_backward``. ``torch.compile`` and ``torch.export``
+see each DCN layer as one node (forward) and one node (backward), FakeTensor / meta tracing
+needs no data, and nothing inside asks the device for a value. On older torch the same forward
+and backward run through an ``autograd.Function``.
 """
 
-from typing import List, Optional, Sequence, Tuple, Union
+import contextlib
+import inspect
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 from torchvision.ops import deform_conv2d as tv_deform_conv2d
 
-__all__ = ["IMPLS", "modulated_deform_conv2d", "resolve_impl"]
+__all__ = ["IMPLS", "modulated_deform_conv2d", "resolve_impl", "torchvision_graph"]
 
 IMPLS = ("auto", "torchvision", "fast")
 
@@ -126,6 +137,7 @@ def modulated_deform_conv2d(
         impl: "auto", "torchvision" or "fast" (see the module docstring).
 
     Returns (N, O, Ho, Wo), in channels_last memory format if x is (as convolutions do).
+    Computes in float32 (float64 for float64 input) and returns x's dtype, also under autocast.
     """
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     _check_shapes(x, offset, mask, weight, bias, stride, padding, dilation)
@@ -133,137 +145,271 @@ def modulated_deform_conv2d(
     grouped = weight.shape[1] != x.shape[1]
     if impl == "fast" and grouped:
         raise NotImplementedError("the 'fast' deformable conv has no weight groups; use impl='torchvision'")
-    if impl == "torchvision" or grouped:
-        out = tv_deform_conv2d(x, offset, weight, bias, stride=stride, padding=padding, dilation=dilation, mask=mask)
-        if offset.requires_grad and torch.is_grad_enabled() and not _exporting():
-            # torchvision's offset gradient differs from mmcv's at sample coordinates of exactly -1;
-            # this identity node adds the difference in the backward pass (see _BorderOffsetGrad)
-            out = _BorderOffsetGrad.apply(out, x, offset, mask, weight, stride, padding, dilation)
-        return out
+    if grouped:
+        impl = "torchvision"
+    if impl == "torchvision" and _TORCHVISION_GRAPH:
+        # export_onnx: torchvision's operator, which the ONNX exporter turns into DeformConv
+        return tv_deform_conv2d(x, offset, weight, bias, stride=stride, padding=padding, dilation=dilation, mask=mask)
 
     dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     args = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, offset, mask, weight, bias)]
-    with torch.autocast(x.device.type, enabled=False):
-        out = _FastDeformConv.apply(*args, stride, padding, dilation)
+    if _OP is not None:
+        out = _OP(*args, list(stride), list(padding), list(dilation), impl)
+    else:  # torch < 2.4: the same forward and backward through an autograd.Function
+        out = _DeformConvFunction.apply(*args, stride, padding, dilation, impl)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
-# --- torchvision path: mmcv's offset gradient at coordinate -1 ------------------------------------
+_TORCHVISION_GRAPH = False
 
 
-def _exporting() -> bool:
-    """True while torch.onnx / torch.export trace the model (the correction node is training-only)."""
-    if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
-        return True
-    compiler = getattr(torch, "compiler", None)
-    is_exporting = getattr(compiler, "is_exporting", None)
-    return bool(is_exporting is not None and is_exporting())
+@contextlib.contextmanager
+def torchvision_graph() -> Iterator[None]:
+    """Within this context, ``impl="torchvision"`` calls ``torchvision.ops.deform_conv2d`` itself
+    instead of the ``dbnetpp::modulated_deform_conv2d`` operator: the graph ONNX exporters
+    translate to ``DeformConv`` (forward only; torchvision's own offset gradient at -1)."""
+    global _TORCHVISION_GRAPH
+    previous = _TORCHVISION_GRAPH
+    _TORCHVISION_GRAPH = True
+    try:
+        yield
+    finally:
+        _TORCHVISION_GRAPH = previous
 
 
-def _sample_row_or_column(
-    x: torch.Tensor, n_idx: torch.Tensor, coord: torch.Tensor, fixed: int, along_x: bool
+# --- the operator: forward and backward of both implementations ----------------------------------
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+
+
+def _output_shape(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor) -> Tuple[int, int, int, int]:
+    return (x.shape[0], weight.shape[0], offset.shape[2], offset.shape[3])
+
+
+def _forward_impl(
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    impl: str,
 ) -> torch.Tensor:
-    """Bilinear samples (A, C) of image row ``fixed`` at columns ``coord`` (along_x) or of
-    column ``fixed`` at rows ``coord``, with the DCN boundary rule (0 outside (-1, size))."""
-    size = x.shape[3] if along_x else x.shape[2]
-    line = x[n_idx, :, fixed, :] if along_x else x[n_idx, :, :, fixed]  # (A, C, size)
-    inside = (coord > -1) & (coord < size)
-    coord = torch.where(inside, coord, torch.zeros_like(coord))
-    low = coord.floor()
-    frac = (coord - low).unsqueeze(1)
-    low = low.long()
-    w_low = torch.where((inside & (low >= 0)).unsqueeze(1), 1 - frac, torch.zeros_like(frac))
-    w_high = torch.where((inside & (low < size - 1)).unsqueeze(1), frac, torch.zeros_like(frac))
-    c = line.shape[1]
-    v_low = line.gather(2, low.clamp(min=0).view(-1, 1, 1).expand(-1, c, 1)).squeeze(2)
-    v_high = line.gather(2, (low + 1).clamp(max=size - 1).view(-1, 1, 1).expand(-1, c, 1)).squeeze(2)
-    return w_low * v_low + w_high * v_high
+    """(N, O, Ho, Wo) in x's memory format (the layout the fake implementation promises)."""
+    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
+    with torch.autocast(x.device.type, enabled=False):
+        if impl == "torchvision":
+            out = tv_deform_conv2d(
+                x, offset, weight, bias, stride=stride, padding=padding, dilation=dilation, mask=mask
+            )
+        elif impl == "fast":
+            out = _fast_forward(x, offset, mask, weight, bias, stride, padding, dilation)
+        else:
+            raise ValueError(f"deform conv operator: impl must be 'torchvision' or 'fast', got {impl!r}")
+    return out.contiguous(memory_format=_memory_format(x))
 
 
-class _BorderOffsetGrad(torch.autograd.Function):
-    """Identity on the torchvision output whose backward adds (mmcv - torchvision) to the offset
-    gradient.
+def _mmcv_border_offset(
+    offset: torch.Tensor,
+    kernel: Tuple[int, int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> torch.Tensor:
+    """``offset`` with every sample coordinate of exactly -1 moved to -2 (same shape).
 
-    mmcv (``dmcn_get_coordinate_weight``) gives a zero offset gradient for a sample point with
-    y <= -1 or x <= -1 (it reads 0 there). torchvision's kernel differentiates the bilinear
-    interpolation from the right at exactly y = -1: d/dy = the sample of row 0 at x (and at
-    x = -1, d/dx = the sample of column 0 at y). Everything else (output, input, mask and weight
-    gradients, the offset gradient elsewhere) already agrees. Zero-initialised offsets put every
-    border tap of a padding-1 conv at exactly -1, so this matters at the start of training.
-    The correction visits only the taps at exactly -1 (a sparse set: O(border) per image).
+    torchvision's backward differentiates the bilinear form from the right at y = -1 (and x = -1);
+    mmcv gives 0 there, as for every point that reads 0. At -2 torchvision gives 0 too, and
+    nothing else changes: a point at -1 or -2 reads 0 and passes no gradient to the input or
+    mask. Coordinates are formed as the kernels form them (integer base + offset, one rounding).
     """
+    n, channels, ho, wo = offset.shape
+    kh, kw = kernel
+    k = kh * kw
+    dg = channels // (2 * k)
+    dev, dt = offset.device, offset.dtype
+    off = offset.reshape(n, dg, k, 2, ho, wo)
+    tap_y = torch.arange(kh, device=dev).repeat_interleave(kw) * dilation[0]
+    tap_x = torch.arange(kw, device=dev).repeat(kh) * dilation[1]
+    base_y = (tap_y.view(k, 1, 1) + (torch.arange(ho, device=dev) * stride[0] - padding[0]).view(1, ho, 1)).to(dt)
+    base_x = (tap_x.view(k, 1, 1) + (torch.arange(wo, device=dev) * stride[1] - padding[1]).view(1, 1, wo)).to(dt)
+    dy, dx = off[:, :, :, 0], off[:, :, :, 1]
+    dy = torch.where(dy + base_y == -1, -2 - base_y, dy)
+    dx = torch.where(dx + base_x == -1, -2 - base_x, dx)
+    return torch.stack((dy, dx), dim=3).reshape(offset.shape)
+
+
+def _torchvision_backward(grad_out, x, offset, mask, weight, stride, padding, dilation):
+    """torchvision's backward kernel (x, offset, mask, weight gradients) with mmcv's offset
+    gradient at -1: dense, no data-dependent shapes."""
+    kh, kw = weight.shape[2:]
+    offset = _mmcv_border_offset(offset, (kh, kw), stride, padding, dilation)
+    use_mask = mask is not None
+    if mask is None:
+        mask = x.new_zeros(x.shape[0], 1)  # what torchvision.ops.deform_conv2d passes without a mask
+    bias = x.new_zeros(weight.shape[0])
+    grads = torch.ops.torchvision._deform_conv2d_backward(
+        grad_out.contiguous(),
+        x.contiguous(),
+        weight.contiguous(),
+        offset.contiguous(),
+        mask.contiguous(),
+        bias,
+        stride[0],
+        stride[1],
+        padding[0],
+        padding[1],
+        dilation[0],
+        dilation[1],
+        x.shape[1] // weight.shape[1],
+        offset.shape[1] // (2 * kh * kw),
+        use_mask,
+    )
+    grad_x, grad_weight, grad_offset, grad_mask, _ = grads
+    return grad_x, grad_offset, grad_mask if use_mask else None, grad_weight
+
+
+def _backward_impl(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    impl: str,
+    needs: Sequence[bool],
+) -> List[torch.Tensor]:
+    """Gradients of (x, offset, mask, weight); an empty tensor for each one ``needs`` does not ask
+    for (and for the mask when there is none). Layouts: x's memory format for the input
+    gradient, contiguous for the others (as the fake implementation promises)."""
+    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
+    needs = [bool(v) for v in needs]
+    needs[2] = needs[2] and mask is not None
+    with torch.autocast(x.device.type, enabled=False):
+        if impl == "torchvision":
+            grads = _torchvision_backward(grad_out, x, offset, mask, weight, stride, padding, dilation)
+        elif impl == "fast":
+            grads = _fast_backward(grad_out, x, offset, mask, weight, stride, padding, dilation, needs)
+        else:
+            raise ValueError(f"deform conv operator: impl must be 'torchvision' or 'fast', got {impl!r}")
+    formats = (_memory_format(x), torch.contiguous_format, torch.contiguous_format, torch.contiguous_format)
+    return [
+        g.contiguous(memory_format=f) if need else x.new_empty(0) for g, need, f in zip(grads, needs, formats)
+    ]
+
+
+def _fake_backward(grad_out, x, offset, mask, weight, needs) -> List[torch.Tensor]:
+    """Shapes, dtypes and layouts of ``_backward_impl``'s results, computing nothing."""
+    likes = (x, offset, mask, weight)
+    formats = (_memory_format(x), torch.contiguous_format, torch.contiguous_format, torch.contiguous_format)
+    return [
+        torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=f)
+        if need and t is not None
+        else x.new_empty(0)
+        for t, need, f in zip(likes, needs, formats)
+    ]
+
+
+def _save_inputs(ctx: Any, x, offset, mask, weight, bias, stride, padding, dilation, impl) -> None:
+    ctx.save_for_backward(x, offset, mask, weight)
+    ctx.conv = (list(stride), list(padding), list(dilation), impl)
+    ctx.has_bias = bias is not None
+
+
+def _input_grads(ctx: Any, grad_out: torch.Tensor, backward: Callable[..., List[torch.Tensor]]) -> Tuple:
+    """(x, offset, mask, weight, bias) gradients, None where none is needed."""
+    x, offset, mask, weight = ctx.saved_tensors
+    stride, padding, dilation, impl = ctx.conv
+    needs = list(ctx.needs_input_grad[:4])
+    grads = backward(grad_out, x, offset, mask, weight, stride, padding, dilation, impl, needs)
+    grads = [g if need else None for g, need in zip(grads, needs)]
+    if mask is None:
+        grads[2] = None
+    grad_bias = grad_out.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[4] else None
+    return (*grads, grad_bias)
+
+
+class _DeformConvFunction(torch.autograd.Function):
+    """The operator as an autograd.Function (torch < 2.4: no ``custom_op`` in ``torch.library``)."""
 
     @staticmethod
-    def forward(ctx, out, x, offset, mask, weight, stride, padding, dilation):  # type: ignore[override]
-        ctx.save_for_backward(x, offset, mask, weight)
-        ctx.conv = (stride, padding, dilation)
-        return out.view_as(out)
+    def forward(ctx, x, offset, mask, weight, bias, stride, padding, dilation, impl):  # type: ignore[override]
+        _save_inputs(ctx, x, offset, mask, weight, bias, stride, padding, dilation, impl)
+        return _forward_impl(x, offset, mask, weight, bias, stride, padding, dilation, impl)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
-        x, offset, mask, weight = ctx.saved_tensors
-        stride, padding, dilation = ctx.conv
-        grad_offset = _offset_grad_correction(grad_out, x, offset, mask, weight, stride, padding, dilation)
-        return grad_out, None, grad_offset, None, None, None, None, None
+        return (*_input_grads(ctx, grad_out, _backward_impl), None, None, None, None)
 
 
-def _offset_grad_correction(grad_out, x, offset, mask, weight, stride, padding, dilation) -> torch.Tensor:
-    """(mmcv - torchvision) offset gradient, shaped like ``offset`` (non-zero only at taps with a
-    sample coordinate of exactly -1)."""
-    n, c, h, w = x.shape
-    o, cw, kh, kw = weight.shape
-    k = kh * kw
-    dg = offset.shape[1] // (2 * k)
-    ho, wo = offset.shape[2:]
-    dt = torch.promote_types(offset.dtype, torch.float32)
-    dev = offset.device
-    off = offset.detach().reshape(n, dg, k, 2, ho, wo)
-    tap_y = torch.arange(kh, device=dev).repeat_interleave(kw) * dilation[0]
-    tap_x = torch.arange(kw, device=dev).repeat(kh) * dilation[1]
-    out_y = torch.arange(ho, device=dev) * stride[0] - padding[0]
-    out_x = torch.arange(wo, device=dev) * stride[1] - padding[1]
-    # sample coordinates (N, dg, K, Ho, Wo), computed as the kernels do: integer base + offset
-    y = off[:, :, :, 0] + (tap_y.view(k, 1, 1) + out_y.view(1, ho, 1)).to(offset.dtype)
-    xs = off[:, :, :, 1] + (tap_x.view(k, 1, 1) + out_x.view(1, 1, wo)).to(offset.dtype)
-    correction = torch.zeros(n, dg, k, 2, ho, wo, dtype=dt, device=dev)
-    hit = torch.stack((y == -1, xs == -1), dim=3)  # (N, dg, K, 2, Ho, Wo)
-    idx = hit.nonzero()
-    if idx.shape[0] == 0:
-        return correction.to(offset.dtype).view(offset.shape)
-    ni, gi, ki, di, oy, ox = idx.unbind(1)
-    # column gradient at each hit tap: sum_o weight[o, c, k] * grad_out[n, o, oy, ox], for the
-    # input channels c of deform group g (weight groups: only the output channels reading c)
-    groups = c // cw
-    opg = o // groups
-    cg = c // dg
-    order = torch.argsort(ki)  # one small matmul per tap k with that tap's weight slice
-    counts = torch.bincount(ki, minlength=k).tolist()
-    go = grad_out.to(dt)[ni[order], :, oy[order], ox[order]].view(-1, groups, opg)  # (A, groups, O/groups)
-    wk = weight.detach().to(dt).reshape(groups, opg, cw, k)
-    col = torch.empty(idx.shape[0], groups, cw, dtype=dt, device=dev)
-    start = 0
-    for tap, count in enumerate(counts):
-        if count:
-            rows = order[start : start + count]
-            col[rows] = torch.einsum("agp,gpc->agc", go[start : start + count], wk[..., tap])
-            start += count
-    col = col.view(-1, c)  # (A, C)
-    chan = gi.view(-1, 1) * cg + torch.arange(cg, device=dev).view(1, -1)  # (A, C/dg)
-    col = col.gather(1, chan)
-    xd = x.detach().to(dt)
-    # y == -1 (di == 0): torchvision's d/dy is the sample of row 0 at x; x == -1: column 0 at y
-    coord_other = torch.where(di == 0, xs[ni, gi, ki, oy, ox], y[ni, gi, ki, oy, ox]).to(dt)
-    along_x = di == 0
-    samples = torch.empty(idx.shape[0], c, dtype=dt, device=dev)
-    samples[along_x] = _sample_row_or_column(xd, ni[along_x], coord_other[along_x], 0, True)
-    samples[~along_x] = _sample_row_or_column(xd, ni[~along_x], coord_other[~along_x], 0, False)
-    samples = samples.gather(1, chan)
-    value = (col * samples).sum(1)
-    if mask is not None:
-        value = value * mask.detach().to(dt).reshape(n, dg, k, ho, wo)[ni, gi, ki, oy, ox]
-    correction[ni, gi, ki, di, oy, ox] = -value
-    return correction.to(offset.dtype).view(offset.shape)
+def _register_ops() -> Optional[Callable[..., torch.Tensor]]:
+    """Register ``dbnetpp::modulated_deform_conv2d`` and its backward,
+    ``dbnetpp::modulated_deform_conv2d_backward``, with torch.library (torch >= 2.4); returns
+    the forward operator, or None on older torch."""
+    custom_op = getattr(torch.library, "custom_op", None)
+    if custom_op is None:
+        return None
+    # The kernels pick their output layouts from their inputs' (channels_last in, channels_last
+    # out), as the fake implementations do from the traced inputs: inductor must hand them inputs
+    # with exactly the traced strides, not a layout of its own choosing.
+    options: Dict[str, Any] = {"mutates_args": ()}
+    tag = getattr(torch.Tag, "needs_exact_strides", None) or getattr(torch.Tag, "needs_fixed_stride_order", None)
+    if tag is not None and "tags" in inspect.signature(custom_op).parameters:
+        options["tags"] = (tag,)
+
+    @custom_op("dbnetpp::modulated_deform_conv2d", **options)
+    def forward_op(
+        x: torch.Tensor,
+        offset: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        stride: List[int],
+        padding: List[int],
+        dilation: List[int],
+        impl: str,
+    ) -> torch.Tensor:
+        return _forward_impl(x, offset, mask, weight, bias, stride, padding, dilation, impl)
+
+    @forward_op.register_fake
+    def _(x, offset, mask, weight, bias, stride, padding, dilation, impl):
+        shape = _output_shape(x, offset, weight)
+        return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+
+    @custom_op("dbnetpp::modulated_deform_conv2d_backward", **options)
+    def backward_op(
+        grad_out: torch.Tensor,
+        x: torch.Tensor,
+        offset: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        weight: torch.Tensor,
+        stride: List[int],
+        padding: List[int],
+        dilation: List[int],
+        impl: str,
+        needs: List[bool],
+    ) -> List[torch.Tensor]:
+        return _backward_impl(grad_out, x, offset, mask, weight, stride, padding, dilation, impl, needs)
+
+    @backward_op.register_fake
+    def _(grad_out, x, offset, mask, weight, stride, padding, dilation, impl, needs):
+        return _fake_backward(grad_out, x, offset, mask, weight, needs)
+
+    def setup_context(ctx, inputs, output):
+        _save_inputs(ctx, *inputs)
+
+    def backward(ctx, grad_out):
+        return (*_input_grads(ctx, grad_out, backward_op), None, None, None, None)
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
+    return forward_op
 
 
 # --- fast path ------------------------------------------------------------------------------------
@@ -390,108 +536,105 @@ def _scatter_add_corners(grad_table: torch.Tensor, idx: torch.Tensor, weights: t
     grad_table.index_add_(0, uniq, summed)
 
 
-class _FastDeformConv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, offset, mask, weight, bias, stride, padding, dilation):  # type: ignore[override]
-        n, c, h, w = x.shape
-        o, _, kh, kw = weight.shape
-        k = kh * kw
-        dg = offset.shape[1] // (2 * k)
-        ho, wo = offset.shape[2:]
-        p = n * ho * wo
-        out = x.new_empty(p, o)
-        if p > 0 and c > 0:
-            plan = _Sampling(offset, mask, h, w, (kh, kw), stride, padding, dilation)
-            table = _input_table(x, dg)
-            wmat_t = weight.permute(0, 2, 3, 1).reshape(o, k * c).t()  # (K*C, O), rows in (tap, channel) order
-            for s, e in _chunks(p, k * c, x.element_size()):
-                cols = _im2col(table, plan, s, e)
-                if bias is None:
-                    torch.mm(cols, wmat_t, out=out[s:e])
-                else:
-                    torch.addmm(bias, cols, wmat_t, out=out[s:e])
-        elif bias is not None:
-            out.copy_(bias.expand(p, o))
-        else:
-            out.zero_()
-        ctx.save_for_backward(x, offset, mask, weight)
-        ctx.has_bias = bias is not None
-        ctx.conv = (stride, padding, dilation)
-        out = out.view(n, ho, wo, o).permute(0, 3, 1, 2)
-        # like a convolution, keep the input's memory format (mixed layouts slow the next layers)
-        return out if _is_channels_last(x) else out.contiguous()
-
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        x, offset, mask, weight = ctx.saved_tensors
-        stride, padding, dilation = ctx.conv
-        need_x, need_offset, need_mask, need_weight, need_bias = ctx.needs_input_grad[:5]
-        n, c, h, w = x.shape
-        o, _, kh, kw = weight.shape
-        k = kh * kw
-        dg = offset.shape[1] // (2 * k)
-        cg = c // dg
-        ho, wo = offset.shape[2:]
-        p = n * ho * wo
-        g = grad_out.permute(0, 2, 3, 1).contiguous().view(p, o)
-
-        grad_bias = g.sum(0) if (ctx.has_bias and need_bias) else None
-        grad_x = grad_offset = grad_mask = grad_weight = None
-        if p == 0 or c == 0 or not (need_x or need_offset or need_mask or need_weight):
-            if need_x:
-                grad_x = torch.zeros_like(x)
-            if need_offset:
-                grad_offset = torch.zeros_like(offset)
-            if need_mask:
-                grad_mask = torch.zeros_like(mask)
-            if need_weight:
-                grad_weight = torch.zeros_like(weight)
-            return grad_x, grad_offset, grad_mask, grad_weight, grad_bias, None, None, None
-
+def _fast_forward(x, offset, mask, weight, bias, stride, padding, dilation) -> torch.Tensor:
+    """The "fast" forward: (N, O, Ho, Wo), in x's memory format."""
+    n, c, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    k = kh * kw
+    dg = offset.shape[1] // (2 * k)
+    ho, wo = offset.shape[2:]
+    p = n * ho * wo
+    out = x.new_empty(p, o)
+    if p > 0 and c > 0:
         plan = _Sampling(offset, mask, h, w, (kh, kw), stride, padding, dilation)
         table = _input_table(x, dg)
-        wmat = weight.permute(0, 2, 3, 1).reshape(o, k * c)
-        grad_wmat = torch.zeros_like(wmat) if need_weight else None
-        grad_table = torch.zeros_like(table) if need_x else None
-        # The offset and mask gradients of a sample are dot products of its column gradient with
-        # fixed combinations of its 4 corner vectors: d(sample)/dy, d(sample)/dx and the unmasked
-        # sample. Each combination is one weighted embedding_bag (corner coefficients below).
-        combos = []
-        if need_offset:
-            m = plan.mask.unsqueeze(-1) if plan.mask is not None else 1.0
-            vy0, vy1, vx0, vx1 = (v.to(offset.dtype) for v in (plan.vy0, plan.vy1, plan.vx0, plan.vx1))
-            wy0, wy1, wx0, wx1 = plan.wy0, plan.wy1, plan.wx0, plan.wx1
-            # derivatives of the corner weights (y0x0, y0x1, y1x0, y1x1) along y and x
-            dy = torch.stack((-vy0 * wx0, -vy0 * wx1, vy1 * wx0, vy1 * wx1), -1)
-            dx = torch.stack((-vx0 * wy0, vx1 * wy0, -vx0 * wy1, vx1 * wy1), -1)
-            combos += [(dy * m).view(p, -1), (dx * m).view(p, -1)]
-        if need_mask:
-            combos.append(plan.bil)
-        combo_grads = [offset.new_empty(p, k * dg) for _ in combos]
+        wmat_t = weight.permute(0, 2, 3, 1).reshape(o, k * c).t()  # (K*C, O), rows in (tap, channel) order
         for s, e in _chunks(p, k * c, x.element_size()):
-            gs = g[s:e]
-            if need_weight:
-                grad_wmat.addmm_(gs.t(), _im2col(table, plan, s, e))
-            if not (need_x or combos):
-                continue
-            grad_cols = torch.mm(gs, wmat).view(-1, cg)  # ((e-s)*K*dg, C/dg)
-            idx = plan.idx[s:e].reshape(-1, 4)
-            for coef, out in zip(combos, combo_grads):
-                sampled = F.embedding_bag(idx, table, per_sample_weights=coef[s:e].reshape(-1, 4), mode="sum")
-                out[s:e] = torch.linalg.vecdot(sampled, grad_cols).view(e - s, -1)
-            if need_x:
-                _scatter_add_corners(grad_table, idx.view(-1), plan.weights[s:e].reshape(-1), grad_cols)
+            cols = _im2col(table, plan, s, e)
+            if bias is None:
+                torch.mm(cols, wmat_t, out=out[s:e])
+            else:
+                torch.addmm(bias, cols, wmat_t, out=out[s:e])
+    elif bias is not None:
+        out.copy_(bias.expand(p, o))
+    else:
+        out.zero_()
+    out = out.view(n, ho, wo, o).permute(0, 3, 1, 2)
+    # like a convolution, keep the input's memory format (mixed layouts slow the next layers)
+    return out if _is_channels_last(x) else out.contiguous()
 
+
+def _fast_backward(grad_out, x, offset, mask, weight, stride, padding, dilation, needs):
+    """The "fast" backward: gradients of (x, offset, mask, weight), None where ``needs`` is False."""
+    need_x, need_offset, need_mask, need_weight = needs
+    n, c, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    k = kh * kw
+    dg = offset.shape[1] // (2 * k)
+    cg = c // dg
+    ho, wo = offset.shape[2:]
+    p = n * ho * wo
+    g = grad_out.permute(0, 2, 3, 1).contiguous().view(p, o)
+
+    grad_x = grad_offset = grad_mask = grad_weight = None
+    if p == 0 or c == 0 or not (need_x or need_offset or need_mask or need_weight):
         if need_x:
-            grad_x = grad_table.view(n, h, w, c).permute(0, 3, 1, 2)
-            grad_x = grad_x if _is_channels_last(x) else grad_x.contiguous()
-        if need_weight:
-            grad_weight = grad_wmat.view(o, kh, kw, c).permute(0, 3, 1, 2).contiguous()
+            grad_x = torch.zeros_like(x)
         if need_offset:
-            gy, gx = (t.view(n, ho, wo, k, dg) for t in combo_grads[:2])
-            # (N, Ho, Wo, K, dg, 2) -> (N, dg, K, 2, Ho, Wo)
-            grad_offset = torch.stack((gy, gx), dim=-1).permute(0, 4, 3, 5, 1, 2).reshape(offset.shape)
+            grad_offset = torch.zeros_like(offset)
         if need_mask:
-            gm = combo_grads[-1].view(n, ho, wo, k, dg)
-            grad_mask = gm.permute(0, 4, 3, 1, 2).reshape(mask.shape)
-        return grad_x, grad_offset, grad_mask, grad_weight, grad_bias, None, None, None
+            grad_mask = torch.zeros_like(mask)
+        if need_weight:
+            grad_weight = torch.zeros_like(weight)
+        return grad_x, grad_offset, grad_mask, grad_weight
+
+    plan = _Sampling(offset, mask, h, w, (kh, kw), stride, padding, dilation)
+    table = _input_table(x, dg)
+    wmat = weight.permute(0, 2, 3, 1).reshape(o, k * c)
+    grad_wmat = torch.zeros_like(wmat) if need_weight else None
+    grad_table = torch.zeros_like(table) if need_x else None
+    # The offset and mask gradients of a sample are dot products of its column gradient with
+    # fixed combinations of its 4 corner vectors: d(sample)/dy, d(sample)/dx and the unmasked
+    # sample. Each combination is one weighted embedding_bag (corner coefficients below).
+    combos = []
+    if need_offset:
+        m = plan.mask.unsqueeze(-1) if plan.mask is not None else 1.0
+        vy0, vy1, vx0, vx1 = (v.to(offset.dtype) for v in (plan.vy0, plan.vy1, plan.vx0, plan.vx1))
+        wy0, wy1, wx0, wx1 = plan.wy0, plan.wy1, plan.wx0, plan.wx1
+        # derivatives of the corner weights (y0x0, y0x1, y1x0, y1x1) along y and x
+        dy = torch.stack((-vy0 * wx0, -vy0 * wx1, vy1 * wx0, vy1 * wx1), -1)
+        dx = torch.stack((-vx0 * wy0, vx1 * wy0, -vx0 * wy1, vx1 * wy1), -1)
+        combos += [(dy * m).view(p, -1), (dx * m).view(p, -1)]
+    if need_mask:
+        combos.append(plan.bil)
+    combo_grads = [offset.new_empty(p, k * dg) for _ in combos]
+    for s, e in _chunks(p, k * c, x.element_size()):
+        gs = g[s:e]
+        if need_weight:
+            grad_wmat.addmm_(gs.t(), _im2col(table, plan, s, e))
+        if not (need_x or combos):
+            continue
+        grad_cols = torch.mm(gs, wmat).view(-1, cg)  # ((e-s)*K*dg, C/dg)
+        idx = plan.idx[s:e].reshape(-1, 4)
+        for coef, out in zip(combos, combo_grads):
+            sampled = F.embedding_bag(idx, table, per_sample_weights=coef[s:e].reshape(-1, 4), mode="sum")
+            out[s:e] = torch.linalg.vecdot(sampled, grad_cols).view(e - s, -1)
+        if need_x:
+            _scatter_add_corners(grad_table, idx.view(-1), plan.weights[s:e].reshape(-1), grad_cols)
+
+    if need_x:
+        grad_x = grad_table.view(n, h, w, c).permute(0, 3, 1, 2)
+        grad_x = grad_x if _is_channels_last(x) else grad_x.contiguous()
+    if need_weight:
+        grad_weight = grad_wmat.view(o, kh, kw, c).permute(0, 3, 1, 2).contiguous()
+    if need_offset:
+        gy, gx = (t.view(n, ho, wo, k, dg) for t in combo_grads[:2])
+        # (N, Ho, Wo, K, dg, 2) -> (N, dg, K, 2, Ho, Wo)
+        grad_offset = torch.stack((gy, gx), dim=-1).permute(0, 4, 3, 5, 1, 2).reshape(offset.shape)
+    if need_mask:
+        gm = combo_grads[-1].view(n, ho, wo, k, dg)
+        grad_mask = gm.permute(0, 4, 3, 1, 2).reshape(mask.shape)
+    return grad_x, grad_offset, grad_mask, grad_weight
+
+
+_OP = _register_ops()

@@ -1,0 +1,143 @@
+"""Whole-graph ``torch.compile`` against eager on the CPU: compile seconds and speed.
+
+Two workloads, each eager and compiled (``torch.compile(fullgraph=True)``, inductor by default):
+
+- ``train``: a training step of the tiny preset (``dbnetpp_resnet18_dcnv2_tiny``, channels_last,
+  Adam, batch 4 at 256x256 as ``examples/train.py --preset tiny``): forward, DBLoss, backward,
+  optimiser step; the model and the loss compiled.
+- ``infer``: the prepared DBNet++ R50-DCNv2 forward (``prepare_for_inference``) on 1x3x1024x1824.
+
+``compile_s`` is the first compiled call minus an eager call (the compile itself). Prints one JSON
+line per workload and mode, with the CPU name and its ISA flags::
+
+    python benchmarks/compile.py                       # both workloads, inductor
+    python benchmarks/compile.py --workloads train --repeats 5
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dbnetpp import allocator  # noqa: E402
+from dbnetpp.inference import prepare_for_inference  # noqa: E402
+from dbnetpp.loss import DBLoss  # noqa: E402
+from dbnetpp.models import build_model  # noqa: E402
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+
+
+def cpu_info() -> Dict[str, Any]:
+    """CPU model name and which of ``ISA_FLAGS`` it has (from /proc/cpuinfo; empty elsewhere)."""
+    name, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name == "unknown":
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {"cpu": name, "isa": [f for f in ISA_FLAGS if f in flags]}
+
+
+def random_targets(batch: int, size: int) -> Dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "shrink_map": (torch.rand(batch, size, size, generator=gen) > 0.8).float(),
+        "shrink_mask": torch.ones(batch, size, size),
+        "thr_map": 0.3 + 0.4 * torch.rand(batch, size, size, generator=gen),
+        "thr_mask": (torch.rand(batch, size, size, generator=gen) > 0.5).float(),
+    }
+
+
+def train_step(compiled: bool, backend: str, batch: int, size: int) -> Callable[[], Any]:
+    torch.manual_seed(0)
+    model = build_model("dbnetpp_resnet18_dcnv2_tiny").train().to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1.5e-3)
+    net, criterion = model, DBLoss()
+    if compiled:
+        net = torch.compile(model, fullgraph=True, backend=backend)
+        criterion = torch.compile(criterion, fullgraph=True, backend=backend)
+    images = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    targets = random_targets(batch, size)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        criterion(net(images), targets)["loss"].backward()
+        optimizer.step()
+
+    return step
+
+
+def infer_step(compiled: bool, backend: str, height: int, width: int) -> Callable[[], Any]:
+    torch.manual_seed(0)
+    model = prepare_for_inference(build_model("dbnetpp_resnet50-dcnv2_fpnc_1200e_icdar2015"))
+    net = torch.compile(model, fullgraph=True, backend=backend) if compiled else model
+    images = torch.randn(1, 3, height, width)
+
+    def step() -> None:
+        with torch.no_grad():
+            net(images)
+
+    return step
+
+
+def measure(step: Callable[[], Any], repeats: int) -> Dict[str, float]:
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    times: List[float] = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {"first_s": first, "median_s": statistics.median(times)}
+
+
+def main(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    allocator.keep_freed_memory()  # as examples/train.py does on the CPU
+    common = {"benchmark": "compile", "threads": args.threads, "torch": torch.__version__, **cpu_info()}
+    for workload in args.workloads:
+        results = {}
+        for mode in ("eager", "compiled"):
+            if workload == "train":
+                step = train_step(mode == "compiled", args.backend, args.batch, args.size)
+                shape = [args.batch, 3, args.size, args.size]
+            else:
+                step = infer_step(mode == "compiled", args.backend, args.height, args.width)
+                shape = [1, 3, args.height, args.width]
+            results[mode] = measure(step, args.repeats)
+            record = {**common, "workload": workload, "mode": mode, "input": shape, **results[mode]}
+            if mode == "compiled":
+                record.update(
+                    backend=args.backend,
+                    compile_s=results["compiled"]["first_s"] - results["eager"]["median_s"],
+                    speedup=results["eager"]["median_s"] / results["compiled"]["median_s"],
+                )
+            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in record.items()}), flush=True)
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="torch.compile against eager", add_help=add_help)
+    parser.add_argument("--workloads", nargs="+", choices=("train", "infer"), default=["train", "infer"])
+    parser.add_argument("--backend", default="inductor")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls after the first (median)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--batch", type=int, default=4, help="train: images per step (the tiny preset's)")
+    parser.add_argument("--size", type=int, default=256, help="train: square crop side (the tiny preset's)")
+    parser.add_argument("--height", type=int, default=1024, help="infer: input height")
+    parser.add_argument("--width", type=int, default=1824, help="infer: input width")
+    return parser
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
