@@ -27,25 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dbnetpp import allocator  # noqa: E402
+from dbnetpp.cpuinfo import cpu_info  # noqa: E402
 from dbnetpp.inference import prepare_for_inference  # noqa: E402
 from dbnetpp.loss import DBLoss  # noqa: E402
 from dbnetpp.models import build_model  # noqa: E402
-
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
-
-
-def cpu_info() -> Dict[str, Any]:
-    """CPU model name and which of ``ISA_FLAGS`` it has (from /proc/cpuinfo; empty elsewhere)."""
-    name, flags = "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name == "unknown":
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {"cpu": name, "isa": [f for f in ISA_FLAGS if f in flags]}
 
 
 def random_targets(batch: int, size: int) -> Dict[str, torch.Tensor]:

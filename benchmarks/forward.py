@@ -35,6 +35,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dbnetpp import allocator  # noqa: E402
+from dbnetpp.cpuinfo import cpu_info  # noqa: E402
 from dbnetpp.inference import prepare_for_inference  # noqa: E402
 from dbnetpp.models.dbnet import MODEL_NAMES, build_model, set_dcn_impl  # noqa: E402
 from dbnetpp.models.dcn import ModulatedDeformConv2d  # noqa: E402
@@ -64,22 +65,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument("--calibration-images", type=int, default=2, help="int8 calibration images (default 2)")
     return parser
-
-
-def cpu_info() -> Dict[str, object]:
-    """CPU model name and the ISA extensions that matter for fp32 / int8 / bf16 speed."""
-    name, flags = "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name == "unknown":
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    known = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-    isa = [f for f in known if f in flags]
-    return {"cpu": name, "isa": isa}
 
 
 def lower_precision_model(prepared: nn.Module, precision: str, x: torch.Tensor, count: int) -> nn.Module:

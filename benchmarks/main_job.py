@@ -13,7 +13,6 @@ interpreter (a scratch venv with another OpenCV, say). A last line summarises al
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -22,7 +21,9 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 ROOT = Path(__file__).resolve().parents[1]
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni")
+sys.path.insert(0, str(ROOT))
+
+from dbnetpp.cpuinfo import cpu_info  # noqa: E402
 
 VERSIONS = """
 import json, platform, cv2, numpy, torch
@@ -30,21 +31,6 @@ print(json.dumps({"python": platform.python_version(), "torch": torch.__version_
                   "numpy": numpy.__version__, "threads": torch.get_num_threads(),
                   "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}))
 """
-
-
-def cpu_facts() -> Dict[str, Any]:
-    """CPU model name and the vector ISA flags that matter for convolutions (Linux /proc/cpuinfo)."""
-    name, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {"cpu": name, "isa": [f for f in ISA_FLAGS if f in flags], "cores": os.cpu_count()}
 
 
 def run_once(python: str, seed: int, work_dir: Path, extra: List[str], target: float) -> Dict[str, Any]:
@@ -85,7 +71,7 @@ def main() -> None:
 
     versions = json.loads(subprocess.run([args.python, "-c", VERSIONS], capture_output=True, text=True,
                                          check=True).stdout)
-    facts = {**cpu_facts(), **versions}
+    facts = {**cpu_info(), **versions}
     runs = []
     for seed in args.seeds:
         work_dir = Path(args.out) / f"seed_{seed}"

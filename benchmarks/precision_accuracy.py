@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from forward import cpu_info  # noqa: E402
 
+from dbnetpp.cpuinfo import cpu_info  # noqa: E402
 from dbnetpp.data import SyntheticText  # noqa: E402
 from dbnetpp.detector import Detector  # noqa: E402
 from dbnetpp.metric import HmeanIoU  # noqa: E402

@@ -81,23 +81,14 @@ def check_precision(precision: str) -> str:
 # ------------------------------------------------------------------------------------------ bf16
 
 
-def _cpu_flags() -> Optional[set]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return None
-
-
 def has_native_bf16() -> bool:
     """True when the CPU has bf16 instructions (AVX512_BF16 or AMX-BF16), not just emulation."""
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if all(probe is not None for probe in probes):  # torch >= 2.3
         return any(bool(probe()) for probe in probes)
-    flags = _cpu_flags()  # older torch: Linux's list of CPU flags
+    from dbnetpp.cpuinfo import cpu_flags
+
+    flags = cpu_flags()  # older torch: Linux's list of CPU flags
     return bool(flags and flags & {"avx512_bf16", "amx_bf16"})
 
 
