@@ -2,7 +2,7 @@
 
 One process (CPU or one GPU):
 
-    python examples/train.py --preset tiny --work-dir runs/tiny          # synthetic text, CPU: H-mean 0.9 in ~4 min
+    python examples/train.py --preset tiny --work-dir runs/tiny          # synthetic text, CPU: H-mean 0.9 within 5 min
     python examples/train.py --preset dbnetpp_resnet50-dcnv2_fpnc_1200e_icdar2015 --data data/icdar2015 \\
         --work-dir runs/dbnetpp       # MMOCR's recipe: ImageNet backbone, then its SynthText-pretrained model
 
