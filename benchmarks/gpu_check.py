@@ -447,43 +447,21 @@ def check_train_script(device: Any, quick: bool) -> Iterable[Dict[str, Any]]:
 def check_speed_train(device: Any, quick: bool) -> Iterable[Dict[str, Any]]:
     import torch
 
-    from dbnetpp.engine import autocast_context
-    from dbnetpp.loss import DBLoss
-    from dbnetpp.models.dbnet import build_model
-
     name = "dbnetpp_resnet18_dcnv2_tiny" if quick else "dbnetpp_resnet50_dcnv2"
     size, batch = (64, 2) if quick else (640, 16)
     torch.backends.cudnn.benchmark = True
-    criterion = DBLoss()
     for amp in (None, "bf16"):
         b = batch
         while True:
-            torch.manual_seed(0)
-            model = build_model(name).to(device).train()
-            optimizer = torch.optim.SGD(model.parameters(), lr=0.007, momentum=0.9, weight_decay=1e-4)
-            gen = torch.Generator().manual_seed(0)
-            x = torch.randn(b, 3, size, size, generator=gen).to(device)
-            targets = {
-                "shrink_map": (torch.rand(b, size, size, generator=gen) > 0.8).float().to(device),
-                "shrink_mask": torch.ones(b, size, size, device=device),
-                "thr_map": (0.3 + 0.4 * torch.rand(b, size, size, generator=gen)).to(device),
-                "thr_mask": (torch.rand(b, size, size, generator=gen) > 0.5).float().to(device),
-            }
-
-            def step():
-                with autocast_context(device, amp):
-                    loss = criterion(model(x), targets)["loss"]
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-
+            step = None
             try:
+                step, _ = _training_step(name, device, b, size, amp, backend=None)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 times = timed(step, device, warmup=3, max_runs=15, max_s=15.0)
                 break
             except torch.cuda.OutOfMemoryError:
-                model = optimizer = x = targets = None  # free the memory before retrying
+                step = None  # free the model, optimizer and batch before retrying
                 torch.cuda.empty_cache()
                 if b == 1:
                     raise
@@ -495,7 +473,7 @@ def check_speed_train(device: Any, quick: bool) -> Iterable[Dict[str, Any]]:
             rec["max_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             rec["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
         yield rec
-        model = optimizer = x = targets = None  # free the memory before retrying
+        step = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
