@@ -10,7 +10,7 @@ curve from it; MMOCR's recipes do not use it.
 """
 
 import copy
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ class WeightEMA:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay!r}")
         self.decay = float(decay)
         self.updates = 0
+        self._source: Optional[nn.Module] = None  # the model whose tensor pairs are cached
+        self._floats: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        self._others: List[Tuple[torch.Tensor, torch.Tensor]] = []
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
@@ -42,14 +45,17 @@ class WeightEMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Fold ``model``'s current weights into the average (call after each optimiser step)."""
+        if self._source is not model:  # the (average, current) tensor pairs, found once per model
+            averaged, current = self.module.state_dict(), model.state_dict()
+            pairs = [(averaged[key], value) for key, value in current.items()]
+            self._floats = [(a, c) for a, c in pairs if a.is_floating_point()]
+            self._others = [(a, c) for a, c in pairs if not a.is_floating_point()]
+            self._source = model
         d = self.current_decay()
-        averaged = self.module.state_dict()
-        for key, value in model.state_dict().items():
-            target = averaged[key]
-            if target.is_floating_point():
-                target.mul_(d).add_(value.detach().to(target.dtype), alpha=1.0 - d)
-            else:
-                target.copy_(value)
+        for target, value in self._floats:
+            target.mul_(d).add_(value.to(target.dtype), alpha=1.0 - d)
+        for target, value in self._others:
+            target.copy_(value)
         self.updates += 1
 
     def state_dict(self) -> Dict[str, Any]:
