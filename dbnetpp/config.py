@@ -265,7 +265,8 @@ TINY_DBNET = Config(
 #   short side under 15 pixels (recall 0.50-0.71 there, 0.95 above).
 # - Tested at 1.25x (320 pixels for the 256-pixel images), the middle of the 1-2x enlargement those
 #   crops train at: the same weights gave H-mean 0.927 at 320 against 0.903 at 256.
-# - An EMA of the weights is evaluated (+0.004 to +0.008 late in the run, and no end-of-run dip).
+# - An EMA of the weights is evaluated: mixed against the raw weights of the same run (-0.012 to
+#   +0.008 by epoch), +0.008 at the end, where the raw weights dipped.
 # Measured curves (seeds 0-2, two OpenCV releases): benchmarks/main_job.py, in the README.
 TINY_DBNETPP = dataclasses.replace(
     TINY_DBNET,

@@ -224,9 +224,9 @@ class Detector:
         recipe = None
         if test_scale is not None:  # settings are checked before the weights are read
             check_test_scale(test_scale)
-        if compile and (precision != "fp32" or quantize.is_int8_file(weights)):
-            raise ValueError(f"compile=True runs the float32 network; it does not combine with precision={precision!r}")
         int8_file = quantize.is_int8_file(weights)
+        if compile and (precision != "fp32" or int8_file):
+            raise ValueError(f"compile=True runs the float32 network; it does not combine with precision={precision!r}")
         quantize.check_precision_request(precision, calibration, weights, int8_file, device)
         if isinstance(weights, nn.Module):
             net, checkpoint = copy.deepcopy(weights).eval(), {}
