@@ -6,6 +6,7 @@ a pixel, as in a trained model (a zero predictor would sample on the integer gri
 
     python benchmarks/forward.py [--model dbnetpp_resnet50_dcnv2] [--height 1024 --width 1824]
                                  [--repeats 3] [--threads 2] [--impl auto] [--precision int8 --precision bf16]
+                                 [--no-eager]
 
 Prints one JSON line per figure: the median over ``--repeats`` timed runs (after one warm-up)
 under ``torch.inference_mode``, for the plain eval model ("eager", timed first, with glibc's
@@ -52,6 +53,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--impl", default="auto", help="deformable-conv implementation of the DCN layers")
     parser.add_argument("--no-prepared", action="store_true", help="skip the prepare_for_inference model")
+    parser.add_argument("--no-eager", action="store_true", help="skip the plain eval model (the slowest figure)")
     parser.add_argument("--no-keep-memory", action="store_true", help="prepare with keep_memory=False")
     parser.add_argument("--breakdown", action="store_true", help="time the parts of the prepared forward")
     parser.add_argument("--seed", type=int, default=0)
@@ -207,7 +209,8 @@ def main(args: argparse.Namespace) -> None:
         }
         print(json.dumps(record), flush=True)
 
-    report("eager", model)  # before prepare_for_inference changes malloc's settings
+    if not args.no_eager:
+        report("eager", model)  # before prepare_for_inference changes malloc's settings
     if args.no_prepared:
         return
     prepared = prepare_for_inference(model, keep_memory=not args.no_keep_memory)

@@ -483,7 +483,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     require_onnxruntime()
     detector = _detector_from_args(argparse.Namespace(**{**vars(args), "calibration": None}))  # float32
-    path = quantize_detector(detector, args.out, args.calibration)
+    path = quantize_detector(detector, args.out, args.calibration, reduce_range=args.reduce_range)
     size_mb = os.path.getsize(path) / 2**20
     source = args.calibration or "built-in synthetic text"
     print(
@@ -611,6 +611,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         default=None,
         metavar="LONG,SHORT",
         help="keep-ratio test resize limits recorded in the file (default: the checkpoint's, else 4068,1024)",
+    )
+    p.add_argument(
+        "--reduce-range",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="7-bit weights, for CPUs without VNNI (default: on when this CPU has no VNNI)",
     )
     p.set_defaults(func=cmd_quantize, device="cpu")
 

@@ -80,6 +80,25 @@ def test_fast_matches_torchvision(name, small_chunks):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5, msg=lambda m: f"grad {label}: {m}")
 
 
+@pytest.mark.parametrize("name", ["deform_groups2", "kernel_2x3_groups3", "one_row"])
+def test_fixed_size_scatter_equals_the_cpu_scatter(name, small_chunks, monkeypatch):
+    """The input-gradient scatter used off the CPU (one bag per table row, sizes from shapes only)
+    gives the CPU one's gradients (float64, every chunk boundary)."""
+    (_, _), (_, cpu_grads) = run_both(CASES[name], torch.float64, spread=5.0, grad=True)
+    monkeypatch.setattr(deform_conv, "_FIXED_SIZE_SCATTER", True)
+
+    def value_dependent_size(*args, **kwargs):
+        raise AssertionError("the fixed-size scatter called unique_consecutive")
+
+    monkeypatch.setattr(torch, "unique_consecutive", value_dependent_size)
+    (_, _), (torchvision_grads, fixed_grads) = run_both(CASES[name], torch.float64, spread=5.0, grad=True)
+    for a, b, ref in zip(fixed_grads, cpu_grads, torchvision_grads):
+        if ref is None:
+            continue
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+        torch.testing.assert_close(a, ref, atol=1e-11, rtol=0)
+
+
 def test_fast_float64_exact():
     (ref, fast), (gref, gfast) = run_both(CASES["deform_groups2"], torch.float64, spread=5.0, grad=True)
     torch.testing.assert_close(fast, ref, atol=1e-12, rtol=0)

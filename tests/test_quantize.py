@@ -171,13 +171,95 @@ def test_int8_default_synthetic_calibration_and_dcn_model(tmp_path):
     out = quantize.quantize_detector(fp32, tmp_path / "dcn_int8.onnx", count=2)
     import onnx
 
-    ops = {node.op_type for node in onnx.load(out).graph.node}
+    graph = onnx.load(out).graph
+    ops = {node.op_type for node in graph.node}
     assert "DeformConv" not in ops and "GridSample" in ops and "QuantizeLinear" in ops
+    assert_int8_graph_layout(graph, residual_adds=8)  # ResNet-18: 8 blocks
     int8 = Detector(out, precision="int8")
     assert int8.test_scale == (256, 128) and int8.model_name == net.name
     image = synthetic_set(1)[0]["image"]
     a, b = fp32.predict_maps([image])[0][0], int8.predict_maps([image])[0][0]
     assert float(np.abs(a - b).mean()) <= 0.02
+
+
+def assert_int8_graph_layout(graph, residual_adds):
+    """What ``quantize_detector`` keeps float32 and what it quantizes, read off the QDQ graph."""
+    from onnx import numpy_helper
+
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    initializers = {t.name for t in graph.initializer}
+    ops = [node.op_type for node in graph.node]
+    # the neck's shortcuts that would run as float32 ConvTranspose are not exported; the ASF
+    # attention's spatial pooling is a GlobalAveragePool (ReduceMean is slow on NHWC maps)
+    assert "ConvTranspose" not in ops and "GlobalAveragePool" in ops
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    for node in graph.node:
+        if node.op_type == "ReduceMean":  # only the mean over the channels of the pooled (N, C, 1, 1) vector
+            assert sorted(int(a) % 4 for a in constants[node.input[1]].ravel()) == [1]
+    # every DCN's sampling grid is computed in float32 from the offset conv's (dequantized) output:
+    # no Q/DQ on the way, where uint8 steps over the absolute positions would be whole pixels
+    grids = [node for node in graph.node if node.op_type == "GridSample"]
+    for grid_sample in grids:
+        stack, seen = [producer[grid_sample.input[1]]], set()
+        while stack:
+            node = stack.pop()
+            if node.name in seen or node.op_type == "Conv":
+                continue
+            seen.add(node.name)
+            if node.op_type == "DequantizeLinear":  # the offset conv's output: offsets of a few pixels
+                assert [producer[node.input[0]].op_type, producer[producer[node.input[0]].input[0]].op_type] == [
+                    "QuantizeLinear", "Conv"
+                ], f"{node.name} quantizes a grid"
+                continue
+            assert node.op_type != "QuantizeLinear", f"{node.name} quantizes a grid"
+            if node.op_type != "Shape":
+                stack.extend(producer[i] for i in node.input if i in producer)
+        # ... and its samples are quantized before the mask multiplies them (QLinearMul)
+        assert [c.op_type for c in consumers[grid_sample.output[0]]] == ["QuantizeLinear"]
+    # the logits conv and everything after it are float32: float weights, no Q/DQ to the output
+    node = producer[graph.output[0].name]
+    while node.op_type != "Conv":
+        assert node.op_type not in ("QuantizeLinear", "DequantizeLinear")
+        node = producer[node.input[0]]
+    assert node.input[1] in initializers, "the last conv's weight is float32"
+    # residual sums run on uint8 (both inputs dequantized: ONNX Runtime fuses them into QLinearAdd)
+    quantized_adds = [
+        n for n in graph.node
+        if n.op_type == "Add" and all(i in producer and producer[i].op_type == "DequantizeLinear" for i in n.input)
+    ]  # fmt: skip
+    assert len(quantized_adds) >= residual_adds
+
+
+@needs_int8
+def test_reduce_range_follows_the_cpu_and_the_option(untrained, tmp_path, monkeypatch):
+    """7-bit weights where the CPU has no VNNI (auto) or when asked; recorded in the file."""
+    import onnx
+    from onnx import numpy_helper
+
+    def weight_range(path):
+        graph = onnx.load(path).graph
+        weights = [numpy_helper.to_array(t) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+        return min(int(w.min()) for w in weights), max(int(w.max()) for w in weights)
+
+    fp32 = Detector(untrained, test_scale=(128, 64))
+    monkeypatch.setattr(quantize, "has_vnni", lambda: False)
+    reduced = quantize.quantize_detector(fp32, tmp_path / "reduced.onnx", count=1)
+    assert quantize.Int8Model(reduced).settings["reduce_range"] is True
+    low, high = weight_range(reduced)
+    assert -64 <= low and high <= 64
+    monkeypatch.setattr(quantize, "has_vnni", lambda: True)
+    full = quantize.quantize_detector(fp32, tmp_path / "full.onnx", count=1)
+    assert quantize.Int8Model(full).settings["reduce_range"] is False
+    assert max(abs(v) for v in weight_range(full)) == 127  # symmetric per-channel: each channel's max
+    assert main(["quantize", "--weights", str(untrained), "--out", str(tmp_path / "cli.onnx"), "--reduce-range"]) == 0
+    assert quantize.Int8Model(tmp_path / "cli.onnx").settings["reduce_range"] is True
 
 
 # ---------------------------------------------------------------------------------------------- bf16

@@ -28,8 +28,10 @@ Two implementations:
   pixel). Single-threaded on the 2-core AVX2 CPU, the 13 DBNet++ DCN layers take about 3x
   less time than torchvision's kernel in inference at 1x3x1024x1824 and 5x less in forward +
   backward at 2x3x640x640 (``benchmarks/dcn.py``); channels_last input saves two transposes.
-  The input-gradient sort has a data-dependent size (``unique_consecutive``): inside the operator
-  that is invisible to compilers, but on a GPU it is one host sync per layer (use "torchvision").
+  Off the CPU every intermediate size follows from the shapes alone (no ``nonzero``, ``unique`` or
+  ``.item()``), so it never asks the device for a value; on the CPU the input-gradient scatter
+  reads its number of distinct rows (``unique_consecutive``), which costs nothing there
+  (``_scatter_add_corners``).
 
 ``"auto"`` is ``"fast"`` on the CPU and ``"torchvision"`` elsewhere (not measured on GPUs).
 
@@ -523,17 +525,28 @@ def _im2col(table: torch.Tensor, plan: _Sampling, start: int, end: int) -> torch
 def _scatter_add_corners(grad_table: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, grad_cols: torch.Tensor):
     """grad_table[idx[4b + c]] += weights[4b + c] * grad_cols[b] for every bag b and corner c.
 
-    Transposed gather: the corner entries are sorted by table row, each distinct row becomes
-    one weighted ``embedding_bag`` over ``grad_cols``, and only the distinct rows are added.
-    Far faster than ``index_add_`` of a 4x expanded, weighted copy of ``grad_cols``.
+    Transposed gather: the corner entries are sorted by table row and each row's run of entries
+    becomes one weighted ``embedding_bag`` over ``grad_cols``. Far faster than ``index_add_`` of
+    a 4x expanded, weighted copy of ``grad_cols``. On the CPU only the distinct rows get a bag
+    (``unique_consecutive``: a size read from the values, free there); elsewhere every table row
+    gets one (``searchsorted``: empty bags sum to 0), so that every size follows from the shapes
+    and a GPU never waits for the device to report one.
     """
     rows, order = torch.sort(idx)
-    uniq, counts = torch.unique_consecutive(rows, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    summed = F.embedding_bag(
-        torch.div(order, 4, rounding_mode="floor"), grad_cols, starts, mode="sum", per_sample_weights=weights[order]
-    )
-    grad_table.index_add_(0, uniq, summed)
+    bags = torch.div(order, 4, rounding_mode="floor")
+    if grad_table.device.type == "cpu" and not _FIXED_SIZE_SCATTER:
+        uniq, counts = torch.unique_consecutive(rows, return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        summed = F.embedding_bag(bags, grad_cols, starts, mode="sum", per_sample_weights=weights[order])
+        grad_table.index_add_(0, uniq, summed)
+        return
+    table_rows = torch.arange(grad_table.shape[0], device=rows.device, dtype=rows.dtype)
+    starts = torch.searchsorted(rows, table_rows)
+    grad_table += F.embedding_bag(bags, grad_cols, starts, mode="sum", per_sample_weights=weights[order])
+
+
+# Tests set this to run the fixed-size scatter (the one used off the CPU) on the CPU.
+_FIXED_SIZE_SCATTER = False
 
 
 def _fast_forward(x, offset, mask, weight, bias, stride, padding, dilation) -> torch.Tensor:
