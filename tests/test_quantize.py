@@ -394,3 +394,37 @@ def _hmean(stdout: str) -> float:
 
     line = [t for t in stdout.splitlines() if t.startswith("{")][-1]
     return float(json.loads(line)["hmean"])
+
+
+# ------------------------------------------------------------------ R50 training for the accuracy figure
+
+
+def test_r50_training_multipliers_fold_into_the_plain_network(tmp_path):
+    """benchmarks/train_r50_synthetic.py trains the R50-DCNv2 DBNet++ with the small DBNet++'s
+    learning-rate multipliers; ``--fold`` must give the plain network (MMOCR's keys) with the same
+    probability map, whatever the weights (here random, offsets and attention far from their init)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "train_r50_synthetic", Path(__file__).resolve().parents[1] / "benchmarks" / "train_r50_synthetic.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    torch.manual_seed(0)
+    trained = script.build_with_multipliers(script.R50_DCN).eval()
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "conv_offset" in name or "asf_attn" in name:
+                p.normal_(std=0.5)
+    source, target = tmp_path / "run.pth", tmp_path / "plain.pth"
+    torch.save({"model": trained.state_dict(), "model_name": script.R50_DCN}, source)
+    record = script.fold(str(source), str(target))
+    assert record["max_abs_map_diff"] <= 1e-4
+    plain = build_model(script.R50_DCN).eval()
+    plain.load_state_dict(torch.load(target, weights_only=True)["model"], strict=True)
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        want, got = trained(x), plain(x)
+    assert (got - want).abs().max().item() <= 1e-4 and want.std().item() > 0
+    # the multipliers changed something to fold: the plain network with the stored weights differs
+    assert any(k.endswith("parametrizations.weight.original") for k in trained.state_dict())
