@@ -44,7 +44,7 @@ needs_bf16 = pytest.mark.skipif(not quantize.has_native_bf16(), reason="this CPU
 # image, whose overconfident logits lie far outside the calibrated range at a few word borders (max
 # 0.86 there); 0.28 % of its pixels change side of the 0.3 binarisation threshold (0.03-0.07 % on
 # unseen ones). The bounds keep a margin of about 1.4x; a broken quantization (wrong scales, lost
-# channels, quantized sampling positions) is off by 0.1 or more.
+# channels) is off by 0.1 or more.
 INT8_MEAN_BOUND = 0.01
 INT8_FLIP_BOUND = 0.004
 # bf16 autocast: mean 0.0005, max 0.015 measured
