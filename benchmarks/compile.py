@@ -26,21 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gpu_check import random_db_targets  # noqa: E402  (benchmarks/, this script's folder)
+
 from dbnetpp import allocator  # noqa: E402
 from dbnetpp.cpuinfo import cpu_info  # noqa: E402
 from dbnetpp.inference import prepare_for_inference  # noqa: E402
 from dbnetpp.loss import DBLoss  # noqa: E402
 from dbnetpp.models import build_model  # noqa: E402
-
-
-def random_targets(batch: int, size: int) -> Dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    return {
-        "shrink_map": (torch.rand(batch, size, size, generator=gen) > 0.8).float(),
-        "shrink_mask": torch.ones(batch, size, size),
-        "thr_map": 0.3 + 0.4 * torch.rand(batch, size, size, generator=gen),
-        "thr_mask": (torch.rand(batch, size, size, generator=gen) > 0.5).float(),
-    }
 
 
 def train_step(compiled: bool, backend: str, batch: int, size: int) -> Callable[[], Any]:
@@ -52,7 +44,7 @@ def train_step(compiled: bool, backend: str, batch: int, size: int) -> Callable[
         net = torch.compile(model, fullgraph=True, backend=backend)
         criterion = torch.compile(criterion, fullgraph=True, backend=backend)
     images = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
-    targets = random_targets(batch, size)
+    targets = random_db_targets(batch, size, torch.Generator().manual_seed(0))
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)

@@ -25,7 +25,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -70,23 +69,22 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def lower_precision_model(prepared: nn.Module, precision: str, x: torch.Tensor, count: int) -> nn.Module:
-    """``prepared`` at bf16 / int8 as ``dbnetpp.Detector`` runs it (int8 calibrated on synthetic text
-    resized to the input size)."""
+    """``prepared`` at bf16 / int8 as ``dbnetpp.Detector`` runs it (``dbnetpp.quantize.lower_precision``;
+    int8 calibrated on ``count`` built-in synthetic images resized to the input size)."""
     from dbnetpp import quantize
     from dbnetpp.detector import Detector
 
-    if precision == "bf16":
-        quantize.require_native_bf16()
-        return quantize.BF16Model(prepared)
     height, width = x.shape[2:]
     detector = Detector(prepared, test_scale=(max(height, width), min(height, width)), prepare=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        path = quantize.quantize_detector(detector, Path(tmp) / "int8.onnx", count=count)
-        seconds = round(time.perf_counter() - start, 1)
-        record = {"benchmark": "forward", "metric": "quantize_time", "value": seconds, "unit": "s", "images": count}
-        print(json.dumps(record), flush=True)
-        return quantize.Int8Model(path, threads=torch.get_num_threads())
+    if precision == "bf16":
+        quantize.require_native_bf16()
+        return quantize.lower_precision(detector, precision)
+    start = time.perf_counter()
+    model = quantize.lower_precision(detector, precision, quantize.calibration_images(None, count))
+    seconds = round(time.perf_counter() - start, 1)
+    record = {"benchmark": "forward", "metric": "quantize_time", "value": seconds, "unit": "s", "images": count}
+    print(json.dumps(record), flush=True)
+    return model
 
 
 def randomize_offsets(model: nn.Module, height: int = 128, width: int = 128) -> None:

@@ -478,6 +478,19 @@ def check_speed_train(device: Any, quick: bool) -> Iterable[Dict[str, Any]]:
             torch.cuda.empty_cache()
 
 
+def random_db_targets(batch: int, size: int, gen: Any, device: Any = "cpu") -> Dict[str, Any]:
+    """DB targets (shrink / threshold maps and masks, (batch, size, size)) drawn from the CPU
+    generator ``gen``, on ``device``: a training step's inputs for timing, not for learning."""
+    import torch
+
+    return {
+        "shrink_map": (torch.rand(batch, size, size, generator=gen) > 0.8).float().to(device),
+        "shrink_mask": torch.ones(batch, size, size, device=device),
+        "thr_map": (0.3 + 0.4 * torch.rand(batch, size, size, generator=gen)).to(device),
+        "thr_mask": (torch.rand(batch, size, size, generator=gen) > 0.5).float().to(device),
+    }
+
+
 def _training_step(name: str, device: Any, batch: int, size: int, amp: Optional[str], backend: Optional[str]):
     """(step, model): one SGD training step of ``name`` on random images and DB targets; the
     model and the loss compiled whole with ``backend`` (None: eager)."""
@@ -492,12 +505,7 @@ def _training_step(name: str, device: Any, batch: int, size: int, amp: Optional[
     optimizer = torch.optim.SGD(model.parameters(), lr=0.007, momentum=0.9, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=gen).to(device)
-    targets = {
-        "shrink_map": (torch.rand(batch, size, size, generator=gen) > 0.8).float().to(device),
-        "shrink_mask": torch.ones(batch, size, size, device=device),
-        "thr_map": (0.3 + 0.4 * torch.rand(batch, size, size, generator=gen)).to(device),
-        "thr_mask": (torch.rand(batch, size, size, generator=gen) > 0.5).float().to(device),
-    }
+    targets = random_db_targets(batch, size, gen, device)
     net, criterion = model, DBLoss()
     if backend is not None:
         net = torch.compile(model, fullgraph=True, backend=backend)

@@ -20,8 +20,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 
 from dbnetpp.cpuinfo import cpu_info  # noqa: E402
 from dbnetpp.data import SyntheticText  # noqa: E402
