@@ -13,7 +13,11 @@ runs the two names through inductor, ``DBNETPP_COMPILE_TESTS=full`` every name (
 """
 
 import copy
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -499,3 +503,34 @@ def test_train_script_compile_under_ddp(tmp_path):
     checkpoint = checkpoint_of(work)
     assert checkpoint["config"]["run"]["world_size"] == 2
     assert set(checkpoint["model"]) == set(dbnetpp.build_model(TINY_DCN).state_dict())
+
+
+# --- benchmarks/compile_numerics.py --------------------------------------------------------------
+
+
+def test_compile_numerics_benchmark_compares_eager_variants():
+    """The benchmark that measures how far eager float32 moves from itself (float64, 1 thread,
+    channels_last, the other DCN implementation): one JSON line per comparison, real numbers,
+    and the head's pre-BatchNorm biases (exact gradient 0) named as below the floor."""
+    root = Path(__file__).resolve().parents[1]
+    args = ["--names", TINY_DCN, "--impls", "fast", "--modes", "train", "eval", "--sizes", "64", "--no-inductor"]
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "compile_numerics.py"), *args],
+        capture_output=True, text=True, timeout=600, cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    header, *rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert header["cpu"]["cpu"] and "isa" in header["cpu"]
+    tags = ["float64", "1 thread", "channels_last", "impl torchvision"]
+    assert [(r["mode"], r["against_eager_float32"]) for r in rows] == [(m, t) for m in ("train", "eval") for t in tags]
+    for row in rows:
+        assert row["name"] == TINY_DCN and row["size"] == 64
+        # the tiny DBNet++ is well conditioned: float32 variants stay close
+        assert max(row["outputs"].values()) < 1e-3, row
+    float64 = rows[0]
+    assert max(float64["outputs"].values()) > 0  # a real comparison: float32 is not float64
+    outputs = {"prob_logits", "thr_map", "binary_map", "loss", "loss_prob", "loss_thr", "loss_db"}
+    assert set(float64["outputs"]) == outputs
+    assert float64["n_grads"] == sum(p.requires_grad for p in dbnetpp.build_model(TINY_DCN).parameters())
+    assert {"det_head.binarize.3.bias", "det_head.threshold.3.bias"} <= set(float64["below_floor"])
+    assert set(rows[len(tags)]["outputs"]) == {"prob"}
