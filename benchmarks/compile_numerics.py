@@ -143,31 +143,32 @@ def main(argv: Optional[list] = None) -> None:
                 model = copy.deepcopy(base)
                 set_dcn_impl(model, impl)
                 model = model.train() if mode == "train" else model.eval()
+                # (tag, model, step options, threads) of each run compared with the reference
+                variants = [
+                    ("float64", model, dict(dtype=torch.float64), args.threads),
+                    ("1 thread", model, {}, 1),
+                    ("channels_last", model, dict(channels_last=True), args.threads),
+                ]
+                if has_dcn:
+                    other = next(i for i in IMPLS if i != impl)
+                    twin = copy.deepcopy(model)
+                    set_dcn_impl(twin, other)
+                    variants.append((f"impl {other}", twin, {}, args.threads))
+                if not args.no_inductor:
+                    variants.append(("inductor", model, dict(backend="inductor"), args.threads))
                 for size in args.sizes:
                     case = {"name": name, "impl": impl, "mode": mode, "size": size, "batch": args.batch}
                     common = dict(mode=mode, size=size, batch=args.batch, seed=args.seed)
                     reference = step(model, **common)
-                    runs = {"float64": lambda: step(model, dtype=torch.float64, **common)}
-
-                    def one_thread() -> Tuple[Tensors, Tensors]:
-                        torch.set_num_threads(1)
+                    for tag, net, options, threads in variants:
+                        if options.get("backend"):
+                            torch._dynamo.reset()  # a fresh compile per size
+                        torch.set_num_threads(threads)
                         try:
-                            return step(model, **common)
+                            got = step(net, **options, **common)
                         finally:
                             torch.set_num_threads(args.threads)
-
-                    runs["1 thread"] = one_thread
-                    runs["channels_last"] = lambda: step(model, channels_last=True, **common)
-                    if has_dcn:
-                        other = next(i for i in IMPLS if i != impl)
-                        twin = copy.deepcopy(model)
-                        set_dcn_impl(twin, other)
-                        runs[f"impl {other}"] = lambda twin=twin: step(twin, **common)
-                    if not args.no_inductor:
-                        torch._dynamo.reset()
-                        runs["inductor"] = lambda: step(model, backend="inductor", **common)
-                    for tag, run in runs.items():
-                        print(json.dumps(compare(tag, run(), reference, case)), flush=True)
+                        print(json.dumps(compare(tag, got, reference, case)), flush=True)
 
 
 if __name__ == "__main__":

@@ -453,7 +453,6 @@ def check_speed_train(device: Any, quick: bool) -> Iterable[Dict[str, Any]]:
     for amp in (None, "bf16"):
         b = batch
         while True:
-            step = None
             try:
                 step, _ = _training_step(name, device, b, size, amp, backend=None)
                 if device.type == "cuda":
