@@ -12,7 +12,10 @@ one eager float32 step, the reference, and compares it with the same step run:
   convolution on the CPU);
 - ``impl <other>``: eager with the other deformable-convolution implementation;
 - ``inductor``: ``torch.compile(model, fullgraph=True)`` and the compiled ``DBLoss`` (unless
-  ``--no-inductor``).
+  ``--no-inductor``): convolutions and train-mode BatchNorm as eager's kernels
+  (``dbnetpp.ops.conv_bn``), the rest inductor's;
+- ``inductor, own kernels``: the same with ``set_eager_kernels(False)``: inductor's channels-last
+  convolutions and its decomposed BatchNorm.
 
 A training step is forward, ``DBLoss`` and backward on random images and targets; an eval step
 is the forward under ``no_grad``. Each comparison prints one JSON line with:
@@ -51,6 +54,7 @@ from dbnetpp.cpuinfo import cpu_info  # noqa: E402
 from dbnetpp.loss import DBLoss  # noqa: E402
 from dbnetpp.models.dbnet import build_model, set_dcn_impl  # noqa: E402
 from dbnetpp.models.dcn import ModulatedDeformConv2d  # noqa: E402
+from dbnetpp.ops import conv_bn  # noqa: E402
 
 NAMES = ("dbnetpp_resnet50-dcnv2_fpnc_1200e_icdar2015", "dbnetpp_resnet18_dcnv2_tiny")
 IMPLS = ("fast", "torchvision")
@@ -68,9 +72,19 @@ def step(
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
     backend: Optional[str] = None,
+    eager_kernels: bool = True,
 ) -> Tuple[Tensors, Tensors]:
     """(outputs, parameter gradients) of one step of a copy of ``model`` on the seeded batch,
-    everything in float64 for comparison; gradients empty in eval mode."""
+    everything in float64 for comparison; gradients empty in eval mode. ``eager_kernels``: see
+    ``dbnetpp.ops.conv_bn.set_eager_kernels`` (compiled runs)."""
+    conv_bn.set_eager_kernels(eager_kernels)
+    try:
+        return _step(model, mode, size, batch, seed, dtype, channels_last, backend)
+    finally:
+        conv_bn.set_eager_kernels(True)
+
+
+def _step(model, mode, size, batch, seed, dtype, channels_last, backend) -> Tuple[Tensors, Tensors]:
     model = copy.deepcopy(model).to(dtype)
     gen = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, 3, size, size, generator=gen).to(dtype)
@@ -156,6 +170,8 @@ def main(argv: Optional[list] = None) -> None:
                     variants.append((f"impl {other}", twin, {}, args.threads))
                 if not args.no_inductor:
                     variants.append(("inductor", model, dict(backend="inductor"), args.threads))
+                    own = dict(backend="inductor", eager_kernels=False)
+                    variants.append(("inductor, own kernels", model, own, args.threads))
                 for size in args.sizes:
                     case = {"name": name, "impl": impl, "mode": mode, "size": size, "batch": args.batch}
                     common = dict(mode=mode, size=size, batch=args.batch, seed=args.seed)

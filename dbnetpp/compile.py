@@ -27,8 +27,10 @@ def is_compiling() -> bool:
 
 def compile_model(model: nn.Module, **options: Any) -> nn.Module:
     """``torch.compile(model, fullgraph=True, **options)``: the whole forward as one graph (an
-    error instead of a silent graph break). The returned module shares ``model``'s parameters;
-    its ``state_dict`` keys carry an ``_orig_mod.`` prefix, so save ``unwrap_compiled(it)``."""
+    error instead of a silent graph break). Training on the CPU keeps eager's convolution and
+    BatchNorm kernels, and so eager's numbers (``dbnetpp.ops.conv_bn``). The returned module
+    shares ``model``'s parameters; its ``state_dict`` keys carry an ``_orig_mod.`` prefix, so save
+    ``unwrap_compiled(it)``."""
     options.setdefault("fullgraph", True)
     return torch.compile(model, **options)
 

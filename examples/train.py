@@ -163,7 +163,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--test-only", action="store_true", help="evaluate and exit")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="torch.compile the training model and the loss, each as one graph (default backend: inductor)")
+                   help="torch.compile the training model and the loss, each as one graph (default backend: "
+                        "inductor; on the CPU with eager's convolution and BatchNorm kernels, see README)")
     return p
 
 

@@ -24,6 +24,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
+from .layers import BatchNorm2d, Conv2d
 from .resnet import StagedBackbone
 
 __all__ = ["CLIPBottleneck", "CLIPResNet"]
@@ -41,14 +42,14 @@ class CLIPBottleneck(nn.Module):
         super().__init__()
         if stride not in (1, 2):
             raise ValueError(f"CLIPBottleneck stride must be 1 or 2, got {stride}")
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv1 = Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = BatchNorm2d(planes)
+        self.conv2 = Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = BatchNorm2d(planes)
         # MMOCR's AvgPool2d plug-in after conv2: kernel 2, stride 2, no padding, floor mode
         self.avgpool: nn.Module = nn.AvgPool2d(2) if stride > 1 else nn.Identity()
-        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.conv3 = Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
@@ -65,14 +66,14 @@ def _stem(in_channels: int, channels: int) -> nn.Sequential:
     """Indices 0/1/2, 3/4/5, 6/7/8: (conv3x3, BN, ReLU) x 3; the first conv has stride 2."""
     half = channels // 2
     return nn.Sequential(
-        nn.Conv2d(in_channels, half, 3, stride=2, padding=1, bias=False),
-        nn.BatchNorm2d(half),
+        Conv2d(in_channels, half, 3, stride=2, padding=1, bias=False),
+        BatchNorm2d(half),
         nn.ReLU(inplace=True),
-        nn.Conv2d(half, half, 3, padding=1, bias=False),
-        nn.BatchNorm2d(half),
+        Conv2d(half, half, 3, padding=1, bias=False),
+        BatchNorm2d(half),
         nn.ReLU(inplace=True),
-        nn.Conv2d(half, channels, 3, padding=1, bias=False),
-        nn.BatchNorm2d(channels),
+        Conv2d(half, channels, 3, padding=1, bias=False),
+        BatchNorm2d(channels),
         nn.ReLU(inplace=True),
     )
 
@@ -141,8 +142,8 @@ class CLIPResNet(StagedBackbone):
         if stride != 1 or inplanes != out:
             downsample = nn.Sequential(
                 nn.AvgPool2d(stride, stride=stride, ceil_mode=True, count_include_pad=False),
-                nn.Conv2d(inplanes, out, 1, bias=False),
-                nn.BatchNorm2d(out),
+                Conv2d(inplanes, out, 1, bias=False),
+                BatchNorm2d(out),
             )
         layers = [CLIPBottleneck(inplanes, planes, stride, downsample)]
         layers += [CLIPBottleneck(out, planes) for _ in range(1, blocks)]

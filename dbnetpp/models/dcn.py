@@ -16,6 +16,8 @@ from torch.nn.modules.utils import _pair
 
 from dbnetpp.ops import deform_conv
 
+from .layers import Conv2d
+
 __all__ = ["ModulatedDeformConv2d"]
 
 
@@ -70,7 +72,7 @@ class ModulatedDeformConv2d(nn.Module):
         else:
             self.register_parameter("bias", None)
         kh, kw = self.kernel_size
-        self.conv_offset = nn.Conv2d(
+        self.conv_offset = Conv2d(
             in_channels,
             deform_groups * 3 * kh * kw,
             kernel_size=self.kernel_size,

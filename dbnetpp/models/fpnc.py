@@ -14,6 +14,8 @@ from torch import nn
 from dbnetpp.compile import is_compiling
 from dbnetpp.ops.deform_conv import _is_channels_last
 
+from .layers import Conv2d
+
 __all__ = ["ConvModule", "ScaleChannelSpatialAttention", "FPNC", "UpsampledConcatConv", "upsample_factor"]
 
 
@@ -190,7 +192,7 @@ class ConvModule(nn.Module):
         act: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=bias)
+        self.conv = Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=bias)
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

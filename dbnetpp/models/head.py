@@ -8,6 +8,8 @@ from typing import Dict
 import torch
 from torch import nn
 
+from .layers import BatchNorm2d, Conv2d, ConvTranspose2d
+
 __all__ = ["DBHead"]
 
 
@@ -15,13 +17,13 @@ def _branch(in_channels: int, bias: bool) -> nn.Sequential:
     """conv3x3 -> BN -> ReLU -> deconv x2 -> BN -> ReLU -> deconv x2 to 1 channel (indices 0..6)."""
     mid = in_channels // 4
     return nn.Sequential(
-        nn.Conv2d(in_channels, mid, 3, padding=1, bias=bias),
-        nn.BatchNorm2d(mid),
+        Conv2d(in_channels, mid, 3, padding=1, bias=bias),
+        BatchNorm2d(mid),
         nn.ReLU(inplace=True),
-        nn.ConvTranspose2d(mid, mid, 2, 2),
-        nn.BatchNorm2d(mid),
+        ConvTranspose2d(mid, mid, 2, 2),
+        BatchNorm2d(mid),
         nn.ReLU(inplace=True),
-        nn.ConvTranspose2d(mid, 1, 2, 2),
+        ConvTranspose2d(mid, 1, 2, 2),
     )
 
 

@@ -17,18 +17,19 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .dcn import ModulatedDeformConv2d
+from .layers import BatchNorm2d, Conv2d
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "StagedBackbone"]
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     """3x3 convolution with padding 1 and no bias."""
-    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+    return Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
 def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     """1x1 convolution without bias."""
-    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+    return Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
 class BasicBlock(nn.Module):
@@ -50,13 +51,13 @@ class BasicBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
         if dcn:
             self.conv2: nn.Module = ModulatedDeformConv2d(planes, planes, kernel_size=3, padding=1, bias=False)
         else:
             self.conv2 = conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = BatchNorm2d(planes)
         self.downsample = downsample
         self.stride = stride
 
@@ -82,16 +83,16 @@ class Bottleneck(nn.Module):
     ) -> None:
         super().__init__()
         self.conv1 = conv1x1(inplanes, planes)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = BatchNorm2d(planes)
         if dcn:
             self.conv2: nn.Module = ModulatedDeformConv2d(
                 planes, planes, kernel_size=3, stride=stride, padding=1, bias=False
             )
         else:
             self.conv2 = conv3x3(planes, planes, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = BatchNorm2d(planes)
         self.conv3 = conv1x1(planes, planes * self.expansion)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.bn3 = BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
@@ -196,8 +197,8 @@ class ResNet(StagedBackbone):
         self.frozen_stages = frozen_stages
         self.inplanes = base_channels
 
-        self.conv1 = nn.Conv2d(in_channels, base_channels, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(base_channels)
+        self.conv1 = Conv2d(in_channels, base_channels, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = BatchNorm2d(base_channels)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         strides = (1, 2, 2, 2)
@@ -241,7 +242,7 @@ class ResNet(StagedBackbone):
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(
                 conv1x1(self.inplanes, planes * block.expansion, stride),
-                nn.BatchNorm2d(planes * block.expansion),
+                BatchNorm2d(planes * block.expansion),
             )
         layers = [block(self.inplanes, planes, stride, downsample, dcn=dcn)]
         self.inplanes = planes * block.expansion
