@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["compile_model", "is_compiling", "unwrap_compiled"]
+__all__ = ["compile_model", "is_compiling", "is_exporting", "unwrap_compiled"]
 
 
 def is_compiling() -> bool:
@@ -22,6 +22,12 @@ def is_compiling() -> bool:
     check = getattr(compiler, "is_compiling", None)  # torch >= 2.3
     if check is None:
         check = getattr(getattr(torch, "_dynamo", None), "is_compiling", None)  # torch 2.1 / 2.2
+    return bool(check is not None and check())
+
+
+def is_exporting() -> bool:
+    """True while ``torch.export`` traces the calling code (always False before torch 2.5)."""
+    check = getattr(getattr(torch, "compiler", None), "is_exporting", None)  # torch >= 2.5
     return bool(check is not None and check())
 
 

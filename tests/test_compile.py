@@ -184,15 +184,11 @@ def build(name, impl, mode):
     return model.train() if mode == "train" else model.eval()
 
 
-def run(model, mode, backend, dtype=torch.float32, channels_last=False):
+def run(model, mode, backend):
     """Outputs (and in train mode the losses and parameter gradients) of one step of ``model``,
-    compiled whole with ``backend`` (None: eager); ``channels_last``: NHWC weights and images."""
+    compiled whole with ``backend`` (None: eager)."""
     images, targets = batch()
-    images, targets = images.to(dtype), {k: v.to(dtype) for k, v in targets.items()}
-    model = copy.deepcopy(model).to(dtype)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        images = images.contiguous(memory_format=torch.channels_last)
+    model = copy.deepcopy(model)
     net = model if backend is None else torch.compile(model, fullgraph=True, backend=backend)
     if mode == "eval":
         with torch.no_grad():

@@ -23,20 +23,19 @@ that the compiler cannot look into, whose kernels are the ones eager calls, on e
 
 The compiled step then stays within 1e-4 (outputs) and 1e-3 (gradients) of eager. Inductor's own
 kernels put a fresh R50-DCNv2's outputs up to 11 % and its gradients a median 7-15 % off (README,
-"Compiled against eager"). The price on the CPU: inductor
-no longer fuses BatchNorm with its neighbours, and no convolution goes channels-last. Off the CPU
-(the GPUs people train on) nothing changes and the compiler fuses as it likes. Eager mode, eval
-mode, ``torch.export`` and autocast never take this path. ``set_eager_kernels(False)`` turns it
-off (for the next compile). Needs torch >= 2.4 (``custom_op``); on older torch the layers are
-torch.nn's.
+"Compiled against eager"). The price on the CPU: inductor no longer fuses BatchNorm with its
+neighbours, and no convolution goes channels-last. Off the CPU (the GPUs people train on) nothing
+changes and the compiler fuses as it likes. Eager mode, eval mode, ``torch.export`` and autocast
+never take this path. ``set_eager_kernels(False)`` turns it off (for the next compile). Needs
+torch >= 2.4 (``custom_op``); on older torch the layers are torch.nn's.
 """
 
-import inspect
 from typing import Any, Dict, List, Optional
 
 import torch
 
-from dbnetpp.compile import is_compiling
+from dbnetpp.compile import is_compiling, is_exporting
+from dbnetpp.ops import exact_strides_options
 
 __all__ = ["batch_norm_train", "convolution", "eager_kernels_wanted", "set_eager_kernels"]
 
@@ -50,18 +49,6 @@ def set_eager_kernels(enabled: bool) -> None:
     _ENABLED = bool(enabled)
 
 
-def _is_exporting() -> bool:
-    check = getattr(getattr(torch, "compiler", None), "is_exporting", None)  # torch >= 2.5
-    return bool(check is not None and check())
-
-
-def _autocast_on(x: torch.Tensor) -> bool:
-    try:
-        return torch.is_autocast_enabled(x.device.type)
-    except TypeError:  # torch < 2.4: no device argument
-        return torch.is_autocast_cpu_enabled()
-
-
 def eager_kernels_wanted(x: torch.Tensor) -> bool:
     """True while ``torch.compile`` traces CPU float work (not export, not autocast) and the
     operators exist: then the layers call them. Static under dynamo (device, dtype, flags)."""
@@ -71,8 +58,8 @@ def eager_kernels_wanted(x: torch.Tensor) -> bool:
         and is_compiling()
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
-        and not _is_exporting()
-        and not _autocast_on(x)
+        and not is_exporting()
+        and not torch.is_autocast_enabled(x.device.type)  # torch >= 2.4, as the operators
     )
 
 
@@ -122,11 +109,7 @@ def _register_ops() -> Optional[Dict[str, Any]]:
     if custom_op is None:
         return None
     aten = torch.ops.aten
-    # inductor must hand the kernels the strides eager gives them (no layout of its own)
-    options: Dict[str, Any] = {}
-    tag = getattr(torch.Tag, "needs_exact_strides", None) or getattr(torch.Tag, "needs_fixed_stride_order", None)
-    if tag is not None and "tags" in inspect.signature(custom_op).parameters:
-        options["tags"] = (tag,)
+    options = exact_strides_options(custom_op)  # the strides eager gives the kernels, no layout of inductor's
 
     # the same function is the kernel and the fake: on fake tensors aten's meta kernels give the
     # shapes and the memory formats the real kernels pick
@@ -161,9 +144,9 @@ def _register_ops() -> Optional[Dict[str, Any]]:
         )
         return [g if need else x.new_empty(0) for g, need in zip(grads, needs)]
 
-    conv = custom_op("dbnetpp::convolution", mutates_args=(), **options)(conv_forward)
+    conv = custom_op("dbnetpp::convolution", **options)(conv_forward)
     conv.register_fake(conv_forward)
-    conv_backward = custom_op("dbnetpp::convolution_backward", mutates_args=(), **options)(conv_grads)
+    conv_backward = custom_op("dbnetpp::convolution_backward", **options)(conv_grads)
     conv_backward.register_fake(conv_grads)
 
     def conv_setup(ctx, inputs, output):
@@ -183,7 +166,7 @@ def _register_ops() -> Optional[Dict[str, Any]]:
 
     # functional (autograd needs that): the moved running statistics come back as outputs,
     # computed by the same kernel on copies, and the caller writes them into its buffers
-    @custom_op("dbnetpp::batch_norm_train", mutates_args=(), **options)
+    @custom_op("dbnetpp::batch_norm_train", **options)
     def bn(
         x: torch.Tensor,
         weight: Optional[torch.Tensor],
@@ -203,7 +186,7 @@ def _register_ops() -> Optional[Dict[str, Any]]:
         moved = [x.new_empty(0) if r is None else torch.empty_like(r) for r in (running_mean, running_var)]
         return [torch.empty_like(x), stats, torch.empty_like(stats), *moved]
 
-    @custom_op("dbnetpp::batch_norm_train_backward", mutates_args=(), **options)
+    @custom_op("dbnetpp::batch_norm_train_backward", **options)
     def bn_backward(
         grad_out: torch.Tensor,
         x: torch.Tensor,

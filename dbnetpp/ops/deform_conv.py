@@ -45,13 +45,14 @@ and backward run through an ``autograd.Function``.
 """
 
 import contextlib
-import inspect
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 from torchvision.ops import deform_conv2d as tv_deform_conv2d
+
+from dbnetpp.ops import exact_strides_options
 
 __all__ = ["IMPLS", "modulated_deform_conv2d", "resolve_impl", "torchvision_graph"]
 
@@ -361,10 +362,7 @@ def _register_ops() -> Optional[Callable[..., torch.Tensor]]:
     # The kernels pick their output layouts from their inputs' (channels_last in, channels_last
     # out), as the fake implementations do from the traced inputs: inductor must hand them inputs
     # with exactly the traced strides, not a layout of its own choosing.
-    options: Dict[str, Any] = {"mutates_args": ()}
-    tag = getattr(torch.Tag, "needs_exact_strides", None) or getattr(torch.Tag, "needs_fixed_stride_order", None)
-    if tag is not None and "tags" in inspect.signature(custom_op).parameters:
-        options["tags"] = (tag,)
+    options = exact_strides_options(custom_op)
 
     @custom_op("dbnetpp::modulated_deform_conv2d", **options)
     def forward_op(
