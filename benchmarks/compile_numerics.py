@@ -25,11 +25,12 @@ is the forward under ``no_grad``. Each comparison prints one JSON line with:
   - ``grad_median``: the median of that ratio over the parameter gradients;
   - ``grads_over_1e-3`` and ``worst``: how many gradients exceed 1e-3, and the worst ones.
 
-  Some gradients are 0 or nearly so, and every run gives them rounding noise. A bias right
-  before a train-mode BatchNorm (the head's transposed convolutions) has an exact gradient of
-  0; behind a saturated sigmoid (the ASF attention at MMOCR's initialisation) a gradient is
-  nearly 0. So each ratio is taken against at least 1e-4 x the largest gradient of the model,
-  and ``below_floor`` names the gradients smaller than that.
+  Some gradients are 0 or nearly so. A bias right before a train-mode BatchNorm (the head's
+  transposed convolutions) has an exact gradient of 0, and every run gives it exactly 0
+  (``dbnetpp.models.head``); behind a saturated sigmoid (the ASF attention at MMOCR's
+  initialisation) a gradient is nearly 0, and rounding noise dominates it. So each ratio is
+  taken against at least 1e-4 x the largest gradient of the model, and ``below_floor`` names
+  the gradients smaller than that.
 
 The first line names the CPU and its ISA flags::
 

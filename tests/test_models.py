@@ -299,6 +299,55 @@ def test_head_branches():
     torch.testing.assert_close(prob, torch.sigmoid(head.binarize(x).squeeze(1)))
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_head_bias_before_train_batchnorm_has_exact_zero_gradient(with_bias):
+    """The deconv biases right before a train-mode BatchNorm (and binarize.0's, with_bias) get
+    gradient 0; everything else is bit for bit what a plain nn.Sequential gives, running
+    statistics included. In float64 the loss does not move when those biases do; with the
+    BatchNorm frozen (eval) the bias has a real gradient again."""
+    torch.manual_seed(0)
+    head = DBHead(32, with_bias=with_bias).train()
+    plain = DBHead(32, with_bias=with_bias).train()
+    plain.load_state_dict(head.state_dict())
+    plain.binarize = nn.Sequential(*plain.binarize)
+    plain.threshold = nn.Sequential(*plain.threshold)
+    cancelled = {"binarize.3.bias", "threshold.3.bias"} | ({"binarize.0.bias"} if with_bias else set())
+    x = torch.randn(2, 32, 5, 7)
+    weights = {k: torch.rand(2, 20, 28, generator=torch.Generator().manual_seed(i))
+               for i, k in enumerate(("prob_logits", "thr_map", "binary_map"))}
+    for net in (head, plain):
+        out = net(x)
+        sum((weights[k] * v).sum() for k, v in out.items()).backward()
+        net.out = {k: v.detach() for k, v in out.items()}
+    for k in weights:
+        assert torch.equal(head.out[k], plain.out[k]), k
+    for (name, a), b in zip(head.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), name
+    plain_grads = dict(plain.named_parameters())
+    for name, p in head.named_parameters():
+        if name in cancelled:
+            assert p.grad is not None and torch.count_nonzero(p.grad) == 0, name
+            assert plain_grads[name].grad.abs().max() > 0, name  # autograd's rounding noise
+        else:
+            assert torch.equal(p.grad, plain_grads[name].grad), name
+
+    head64 = DBHead(32, with_bias=with_bias).double().train()
+    x64 = x.double()
+    loss = lambda: sum((weights[k].double() * v).sum() for k, v in head64(x64).items())  # noqa: E731
+    before = loss().item()
+    with torch.no_grad():
+        for name, p in head64.named_parameters():
+            if name in cancelled:
+                p.add_(0.5)
+    assert loss().item() == pytest.approx(before, rel=1e-12)
+
+    head.zero_grad()
+    head.binarize[4].eval()  # frozen statistics: the bias now moves the output
+    sum(v.sum() for v in head(x).values()).backward()
+    assert head.binarize[3].bias.grad.abs().max() > 1e-3
+    assert torch.count_nonzero(head.threshold[3].bias.grad) == 0
+
+
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_builders_output_shapes(name):
     torch.manual_seed(0)

@@ -3,20 +3,55 @@
 "Real-time Scene Text Detection with Differentiable Binarization", https://arxiv.org/abs/1911.08947
 """
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from .layers import BatchNorm2d, Conv2d, ConvTranspose2d
 
 __all__ = ["DBHead"]
 
 
+def _bias_cancelled(layer: nn.Module, following: Optional[nn.Module]) -> bool:
+    """Whether ``layer`` adds a trainable bias that the BatchNorm ``following`` it subtracts again
+    (batch statistics: the per-channel batch mean removes any constant per channel)."""
+    bias = getattr(layer, "bias", None)
+    return (isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)) and isinstance(bias, torch.Tensor)
+            and bias.requires_grad and isinstance(following, nn.BatchNorm2d)
+            and (following.training or not following.track_running_stats))
+
+
+def _with_zero_gradient(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values with a gradient of exactly 0 (a zero tensor, not None: weight decay and DDP
+    still see the parameter)."""
+    return t.detach() + t * 0
+
+
+class _Branch(nn.Sequential):
+    """``nn.Sequential`` (same indices and state-dict keys) that gives a bias cancelled by the next
+    layer's train-mode BatchNorm its exact gradient, 0.
+
+    Autograd would sum the BatchNorm's input gradient over N, H, W for it: 0 in exact arithmetic,
+    rounding noise in float32, different in every run that sums in another order (threads,
+    ``torch.compile``). Forward values, running statistics and all other gradients are unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layers = list(self)
+        for layer, following in zip(layers, layers[1:] + [None]):
+            if torch.is_grad_enabled() and _bias_cancelled(layer, following):
+                x = functional_call(layer, {"bias": _with_zero_gradient(layer.bias)}, (x,))
+            else:
+                x = layer(x)
+        return x
+
+
 def _branch(in_channels: int, bias: bool) -> nn.Sequential:
     """conv3x3 -> BN -> ReLU -> deconv x2 -> BN -> ReLU -> deconv x2 to 1 channel (indices 0..6)."""
     mid = in_channels // 4
-    return nn.Sequential(
+    return _Branch(
         Conv2d(in_channels, mid, 3, padding=1, bias=bias),
         BatchNorm2d(mid),
         nn.ReLU(inplace=True),
